@@ -1,0 +1,71 @@
+"""Generate the example task: extract a person's name and city from a sentence, answer as JSON.
+
+A 135M model learns the format in minutes, and exact match on held-out names and cities (never seen in
+training) shows whether it learned the task rather than the examples. Run: python make_extract.py
+"""
+
+import json
+import random
+from pathlib import Path
+
+TRAIN_NAMES = """Maria John Aisha Kenji Olga Pedro Fatima Lars Mei Tomas Ingrid Rahul Chloe Omar Sofia Diego Hana
+Lukas Amara Ivan Nadia Felix Leila Mateo Yuki Emil Zara Andre Priya Noah Elena Hugo Sara Kofi Lina Marco Anya
+Theo Rosa Farid""".split()
+TRAIN_CITIES = """Lisbon Berlin Nairobi Osaka Warsaw Lima Cairo Oslo Shanghai Prague Bergen Mumbai Lyon Dubai Madrid
+Bogota Kyoto Vienna Lagos Kazan Tunis Zurich Tehran Quito Sapporo Malmo Accra Porto Delhi Boston Athens Geneva
+Seville Accra Dakar Milan Tallinn Leeds Havana Hanoi""".split()
+EVAL_NAMES = "Greta Samir Ilse Bruno Keiko Dmitri Alma Tariq Joana Viktor Esme Rafael Nora Idris Paula".split()
+EVAL_CITIES = "Denver Riga Perth Krakow Manila Valencia Montreal Seoul Turin Cusco Bremen Ghent Lahore Nantes Tbilisi".split()
+
+TEMPLATES = [
+    "{name} moved to {city} last year to work as a {job}.",
+    "After years abroad, {name} settled in {city}.",
+    "{name} is a {job} who lives in {city}.",
+    "In {city}, {name} opened a small bakery.",
+    "Our new {job}, {name}, joins us from {city}.",
+    "{name} grew up in {city} and still visits every summer.",
+    "The {job} {name} gave a talk in {city} on Monday.",
+    "Born and raised in {city}, {name} now teaches music.",
+]
+JOBS = "nurse engineer teacher pilot chef designer doctor farmer writer lawyer".split()
+INSTRUCTION = "Extract the person's name and the city from the sentence. Answer with JSON only."
+
+
+def example(rng, names, cities):
+    name, city = rng.choice(names), rng.choice(cities)
+    sentence = rng.choice(TEMPLATES).format(name=name, city=city, job=rng.choice(JOBS))
+    answer = json.dumps({"name": name, "city": city})
+    return name, city, sentence, answer
+
+
+def rejected(rng, name, city, names, cities):
+    wrong_city = rng.choice([c for c in cities if c != city])
+    return rng.choice([
+        f"The person is {name} and the city is {city}.",
+        json.dumps({"name": city, "city": name}),
+        json.dumps({"name": name, "city": wrong_city}),
+        f"Sure! Here is the JSON: {{'name': '{name}'}}",
+    ])
+
+
+def main():
+    rng = random.Random(7)
+    here = Path(__file__).parent
+    with open(here / "extract_train.jsonl", "w") as f:
+        for _ in range(400):
+            _, _, sentence, answer = example(rng, TRAIN_NAMES, TRAIN_CITIES)
+            f.write(json.dumps({"instruction": INSTRUCTION, "input": sentence, "output": answer}) + "\n")
+    with open(here / "extract_preference.jsonl", "w") as f:
+        for _ in range(200):
+            name, city, sentence, answer = example(rng, TRAIN_NAMES, TRAIN_CITIES)
+            prompt = f"{INSTRUCTION}\n\n{sentence}"
+            bad = rejected(rng, name, city, TRAIN_NAMES, TRAIN_CITIES)
+            f.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": bad}) + "\n")
+    with open(here / "extract_eval.jsonl", "w") as f:
+        for _ in range(40):
+            _, _, sentence, answer = example(rng, EVAL_NAMES, EVAL_CITIES)
+            f.write(json.dumps({"prompt": f"{INSTRUCTION}\n\n{sentence}", "expected": answer, "metric": "exact_match"}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Stage dpo: preference tuning with trl's DPOTrainer on top of the SFT result, with LoRA.
+
+Inputs: data (a data-prep output with preference pairs), model (an sft output).
+Reference model: after LoRA SFT, the SFT adapter itself (trl keeps a frozen copy and trains the other);
+after full SFT, the SFT model with the new DPO adapter switched off. No second model is loaded either way.
+Outputs: a LoRA adapter, the tokenizer, train_history.json, loss_curve.png, manifest.json. An adapter trained
+on top of a full SFT model records `adapter_base: sft`: merge it with `--input base=SFT_OUTPUT`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from datasets import Dataset
+
+from tuneforge import models, storage, tracking, training
+from tuneforge.config import Config
+from tuneforge.training import TrainingSetupError
+
+log = logging.getLogger(__name__)
+
+STAGE = "dpo"
+
+
+def load_pairs(data_dir: Path, split: str) -> Dataset:
+    path = data_dir / f"preference_{split}.jsonl"
+    if path.stat().st_size == 0:
+        return Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    return Dataset.from_json(str(path))
+
+
+def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    settings = config.dpo
+    training.require_backend(settings.backend, STAGE)
+    data_dir, sft_dir = Path(inputs["data"]), Path(inputs["model"])
+    data_manifest = storage.read_manifest(data_dir, "data-prep")
+    sft_manifest = storage.read_manifest(sft_dir, "sft")
+    if sft_manifest["lineage"]["chat_template_sha256"] != data_manifest["lineage"]["chat_template_sha256"]:
+        raise TrainingSetupError(f"{sft_dir} was trained with another chat template than {data_dir} records")
+    train, evaluation = load_pairs(data_dir, "train"), load_pairs(data_dir, "eval")
+    if len(train) == 0:
+        raise TrainingSetupError(
+            f"{data_dir}: no preference pairs to train on; add prompt/chosen/rejected data or set dpo.enabled: false"
+        )
+    has_eval = len(evaluation) > 0
+    if sft_manifest["lineage"]["method"] == "qlora":
+        raise TrainingSetupError("dpo after qlora SFT is not supported yet; merge the QLoRA adapter first")
+
+    tokenizer = models.load_tokenizer(str(sft_dir), config.base_model)
+    checkpoints = training.checkpoint_dir(output)
+    resume = training.resume_from(settings, checkpoints)
+    torch.manual_seed(settings.seed)
+    peft_config = None
+    if sft_manifest["lineage"]["kind"] == "adapter":
+        base = models.load_model(models.resolve(config.base_model), config.base_model)
+        model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
+        adapter_base = "base_model"
+    else:
+        model = models.load_model(str(sft_dir), config.base_model)
+        peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
+        adapter_base = "sft"
+
+    args = DPOConfig(
+        **training.trainer_arguments(settings, checkpoints, has_eval),
+        beta=settings.beta,
+        loss_type=[settings.loss_type],
+        max_length=config.data.max_length,
+    )
+    lineage = {k: v for k, v in sft_manifest["lineage"].items() if k not in ("chat_template", "mlflow_run_id")}
+    lineage.update(parent_run=sft_manifest["lineage"]["mlflow_run_id"], config_hash=config.hash())
+    with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation if has_eval else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=training.callbacks(settings, "dpo/"),
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+        if has_eval:
+            metrics.update(trainer.evaluate())
+        trainer.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        training.set_adapter_base(out, config.base_model.source if adapter_base == "base_model" else "sft")
+        training.save_history(trainer.state.log_history, out, "DPO")
+        mlflow.log_artifact(str(out / "loss_curve.png"), artifact_path=STAGE)
+        mlflow.log_metrics({f"dpo/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        lineage.update(
+            kind="adapter",
+            method="lora",
+            adapter_base=adapter_base,
+            chat_template=sft_manifest["lineage"]["chat_template"],
+            mlflow_run_id=mlrun.info.run_id,
+        )
+        storage.write_manifest(out, STAGE, lineage, metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return {"status": "succeeded", "metrics": metrics, "output": str(output)}
+

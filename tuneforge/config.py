@@ -1,0 +1,228 @@
+"""The run config: one YAML file, validated before any work starts.
+
+Every key documents its type and default here; `tuneforge config-schema` prints them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelSettings(Strict):
+    source: str = Field(
+        description="A built-in name (smollm2-135m-instruct, tiny-llama), a local Hugging Face "
+        "directory, a .gguf file (dequantized on load) or a Hugging Face Hub id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+    allow_pickle: bool = Field(
+        False, description="Load pickle (.bin/.pt) weights; only safetensors are loaded otherwise."
+    )
+
+
+class DataSource(Strict):
+    path: str = Field(description="A local file (.jsonl, .json, .parquet, .csv); s3:// and hf:// come with storage.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"] = Field(
+        "auto", description="Row format; auto detects it from the keys of the rows."
+    )
+    split: Literal["sft", "preference", "auto"] = Field(
+        "auto", description="Which training set the rows feed; auto: preference rows feed DPO, the rest SFT."
+    )
+
+
+class DataSettings(Strict):
+    sources: list[DataSource] = Field(min_length=1, description="Training data files.")
+    eval_tasks: str | None = Field(
+        None, description="JSONL of generation tasks (prompt or messages, expected[, metric]) for evaluate."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="null: the model's own template; a named one (chatml, llama3, gemma); or a Jinja string.",
+    )
+    system_prompt: str | None = Field(None, description="A system turn added to chat rows that have none.")
+    max_length: int = Field(512, gt=8, description="Rows longer than this many tokens are dropped.")
+    min_length: int = Field(2, ge=1, description="Rows shorter than this many tokens are dropped.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    dedupe: bool = Field(True, description="Drop exact and whitespace/case-normalised duplicate rows.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="fail: a malformed row stops data-prep; skip: it is dropped and reported."
+    )
+    seed: int = 42
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto", description="auto: the attention and MLP projections of the model family."
+    )
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class TrainSettings(Strict):
+    """What SFT and DPO share: the optimisation loop."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1: run the epochs.")
+    batch_size: int = Field(4, gt=0, description="Per-device batch size.")
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware computes it fast (CUDA bf16, CPU avx512_bf16), else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: once per epoch.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(2, gt=0)
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when eval loss has not improved for this many evaluations."
+    )
+    resume: Literal["auto", "never"] | str = Field(
+        "auto", description="auto: continue from the latest checkpoint if one exists; never; or a checkpoint path."
+    )
+    seed: int = 42
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+
+class SftSettings(TrainSettings):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    backend: Literal["hf", "unsloth"] = Field("hf", description="unsloth needs a CUDA GPU.")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="assistant: only assistant/completion tokens count; all: every token."
+    )
+    packing: bool = Field(False, description="Pack several rows into one sequence (trl bfd packing).")
+
+
+class DpoSettings(TrainSettings):
+    enabled: bool = True
+    learning_rate: float = Field(5e-5, gt=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = "sigmoid"
+    backend: Literal["hf", "unsloth"] = "hf"
+
+
+class MergeSettings(Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the merged weights.")
+    max_shard_size: str = Field("2GB", description="safetensors shard size.")
+    tolerance: float = Field(
+        1e-3, gt=0, description="Max abs logit difference between the merged and the adapter model, both in fp32."
+    )
+
+
+class EvaluateSettings(Strict):
+    max_new_tokens: int = Field(64, gt=0)
+    max_examples: int = Field(200, gt=0, description="Cap on held-out rows scored per metric.")
+    samples: int = Field(8, ge=0, description="Sample generations shown side by side in the report.")
+    batch_size: int = Field(8, gt=0)
+
+
+class TrackingSettings(Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
+    )
+    experiment: str = "tuneforge"
+
+
+class Config(Strict):
+    name: str = Field(description="Run name; also the registered model name later.")
+    workdir: str = Field("runs", description="Where local runs, caches and the embedded MLflow store live.")
+    base_model: BaseModelSettings
+    data: DataSettings
+    sft: SftSettings = Field(default_factory=SftSettings)
+    dpo: DpoSettings = Field(default_factory=lambda: DpoSettings(enabled=False))
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        if self.sft.method == "qlora" and self.sft.precision == "fp16":
+            raise ValueError("sft.precision: fp16 with qlora is unstable; use bf16 or auto")
+        return self
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are parsed as YAML so numbers and lists keep their types."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. sft.learning_rate=1e-4")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value else ""
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: got {error['input']!r}: {error['msg']}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{path}: invalid config:\n{lines}") from None
+    # Relative data paths are relative to the config file, so examples run from any directory.
+    base = path.resolve().parent
+    for source in config.data.sources:
+        source.path = _resolve_relative(source.path, base)
+    if config.data.eval_tasks:
+        config.data.eval_tasks = _resolve_relative(config.data.eval_tasks, base)
+    if (base / config.base_model.source).exists():
+        config.base_model.source = str((base / config.base_model.source).resolve())
+    return config
+
+
+def _resolve_relative(value: str, base: Path) -> str:
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())

