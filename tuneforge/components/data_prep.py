@@ -359,6 +359,8 @@ class Renderer:
 
 
 def tokenize_with_masks(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]):
+    if not texts:
+        return [], []
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     masks = []
     for offsets, row_spans in zip(encoded["offset_mapping"], spans, strict=True):

@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset
 
 from tuneforge import models, storage, tracking, training
+from tuneforge.components.sft import load_for_training
 from tuneforge.config import Config
 from tuneforge.training import TrainingSetupError
 
@@ -51,8 +52,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             f"{data_dir}: no preference pairs to train on; add prompt/chosen/rejected data or set dpo.enabled: false"
         )
     has_eval = len(evaluation) > 0
-    if sft_manifest["lineage"]["method"] == "qlora":
-        raise TrainingSetupError("dpo after qlora SFT is not supported yet; merge the QLoRA adapter first")
+    quantized = sft_manifest["lineage"]["method"] == "qlora"
+    if quantized and has_eval and not torch.cuda.is_available():
+        log.warning("qlora on CPU: evaluation during training is off (eval-mode forwards corrupt 4-bit weights)")
+        has_eval = False
 
     tokenizer = models.load_tokenizer(str(sft_dir), config.base_model)
     checkpoints = training.checkpoint_dir(output)
@@ -60,7 +63,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     torch.manual_seed(settings.seed)
     peft_config = None
     if sft_manifest["lineage"]["kind"] == "adapter":
-        base = models.load_model(models.resolve(config.base_model), config.base_model)
+        # After QLoRA SFT the base is loaded in 4 bits again, as it was trained.
+        base = load_for_training(config, models.resolve(config.base_model))
         model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
         adapter_base = "base_model"
     else:

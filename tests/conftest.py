@@ -1,0 +1,68 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from tuneforge.cli import app
+
+torch.set_num_threads(2)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TUNEFORGE_PARENT_RUN_ID", raising=False)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alpaca_rows(n: int = 24):
+    return [
+        {"instruction": "Extract the name as JSON.", "input": f"Person{i} lives in City{i}.", "output": json.dumps({"name": f"Person{i}"})}
+        for i in range(n)
+    ]
+
+
+def preference_rows(n: int = 12):
+    return [
+        {"prompt": f"Extract the name as JSON.\n\nPerson{i} lives in City{i}.", "chosen": json.dumps({"name": f"Person{i}"}), "rejected": f"The name is Person{i}."}
+        for i in range(n)
+    ]
+
+
+def make_config(tmp_path: Path, sources, **sections) -> Path:
+    """A tiny-model config whose data are `sources` (paths or dicts), written next to tmp_path."""
+    config = {
+        "name": "test",
+        "workdir": str(tmp_path / "work"),
+        "base_model": {"source": "tiny-llama"},
+        "data": {"sources": [s if isinstance(s, dict) else {"path": str(s)} for s in sources], "max_length": 128},
+        "sft": {"method": "full", "max_steps": 4, "batch_size": 4, "save_steps": 2, "precision": "fp32", "learning_rate": 3e-3},
+        "dpo": {"enabled": False, "max_steps": 2, "batch_size": 2, "save_steps": 2, "precision": "fp32"},
+        "merge": {"dtype": "float32"},
+        "evaluate": {"max_new_tokens": 8, "max_examples": 4, "samples": 2},
+    }
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.__setitem__(key, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str):
+    """Run the tuneforge command in-process; returns the click Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_no_output(path: Path) -> None:
+    """Nothing that looks like a finished (or half-written) stage output is left behind."""
+    leftovers = [p for p in path.parent.glob(path.name + "*") if not p.name.endswith(".checkpoints")]
+    assert leftovers == [], f"left behind: {leftovers}"
