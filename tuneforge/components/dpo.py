@@ -64,8 +64,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     peft_config = None
     if sft_manifest["lineage"]["kind"] == "adapter":
         # After QLoRA SFT the base is loaded in 4 bits again, as it was trained.
-        base = load_for_training(config, models.resolve(config.base_model))
-        model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)
+        base_path = models.resolve(config.base_model)
+        model = PeftModel.from_pretrained(load_for_training(config, base_path), str(sft_dir), is_trainable=True)
+        # The adapter names the base portably; peft looks that name up when saving, so give it the local path.
+        model.peft_config["default"].base_model_name_or_path = base_path
         adapter_base = "base_model"
     else:
         model = models.load_model(str(sft_dir), config.base_model)

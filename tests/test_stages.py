@@ -1,0 +1,162 @@
+"""Each training stage alone and the whole chain on the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
+
+
+def tuneforge(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A data-prep output with SFT rows and preference pairs, shared by the stage tests."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    sources = [write_jsonl(tmp / "sft.jsonl", alpaca_rows(40)), write_jsonl(tmp / "pref.jsonl", preference_rows(16))]
+    config = make_config(tmp, sources)
+    result = cli("stage", "data-prep", "--config", config, "--output", tmp / "data")
+    assert result.exit_code == 0, result.stderr
+    return config, tmp / "data"
+
+
+def test_tiny_chain_end_to_end_with_tracking(tmp_path):
+    workdir = tmp_path / "work"
+    started = time.monotonic()
+    result = tuneforge("run", EXAMPLES / "tiny.yaml", "--set", f"workdir={workdir}", "--run-dir", tmp_path / "run")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded"
+    assert [s["status"] for s in summary["stages"].values()] == ["succeeded"] * 5
+    assert summary["metrics"]["candidate"]["eval_loss"] < summary["metrics"]["base"]["eval_loss"] - 1.0
+    assert elapsed < 120
+    for stage in ("data", "sft", "dpo", "merged", "evaluation"):
+        assert (tmp_path / "run" / stage / "manifest.json").exists()
+    assert "[3/5] dpo" in result.stderr  # progress a person can follow
+
+    mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
+    assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["tuneforge.stage"]: r for r in children}
+    assert set(by_stage) == {"data-prep", "sft", "dpo", "merge", "evaluate"}
+    sft = by_stage["sft"]
+    assert sft.data.params["sft.method"] == "full" and sft.data.params["base_model.source"] == "tiny-llama"
+    assert len(client.get_metric_history(sft.info.run_id, "sft/loss")) >= 3
+    assert sft.data.tags["lineage.data_sha256"] == by_stage["data-prep"].data.tags["lineage.data_sha256"]
+    assert sft.data.tags["lineage.chat_template_sha256"] and sft.data.tags["lineage.code_version"]
+    assert "dpo/rewards/accuracies" in by_stage["dpo"].data.metrics
+    evaluation = by_stage["evaluate"]
+    assert {"base/eval_loss", "candidate/task_exact_match", "candidate/preference_accuracy"} <= set(evaluation.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluate")}
+    assert {"evaluate/report.md", "evaluate/before_after.png", "evaluate/loss_curves.png"} <= artifacts
+
+
+@pytest.mark.parametrize(
+    "sft_settings, check",
+    [
+        ({"method": "lora", "lora": {"r": 4, "alpha": 8}}, lambda a: a["r"] == 4 and "q_proj" in a["target_modules"]),
+        ({"method": "lora", "lora": {"use_dora": True, "use_rslora": True}}, lambda a: a["use_dora"] and a["use_rslora"]),
+        ({"method": "qlora"}, lambda a: a["peft_type"] == "LORA"),
+        ({"method": "lora", "packing": True}, lambda a: True),
+    ],
+    ids=["lora", "dora-rslora", "qlora", "packing"],
+)
+def test_sft_methods_then_merge(prepared, tmp_path, sft_settings, check):
+    config, data = prepared
+    overrides = [f"--set=sft.{k}={json.dumps(v)}" for k, v in sft_settings.items()]
+    result = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", *overrides)
+    assert result.exit_code == 0, result.stderr or result.exception
+    adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "tiny-llama" and check(adapter)
+    manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
+    assert manifest["lineage"]["kind"] == "adapter" and manifest["metrics"]["steps"] == 4
+    assert not (tmp_path / "sft.checkpoints").exists()
+    merged = cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.stderr or merged.exception
+    metrics = json.loads((tmp_path / "merged" / "manifest.json").read_text())["metrics"]
+    assert metrics["merge_max_abs_logit_diff"] < 1e-3
+
+
+def test_dpo_after_lora_sft_uses_the_sft_adapter_as_reference(prepared, tmp_path):
+    config, data = prepared
+    sft = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", "--set", "sft.method=lora")
+    assert sft.exit_code == 0, sft.stderr
+    dpo = cli("stage", "dpo", "--config", config, "--input", f"data={data}", "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "dpo")
+    assert dpo.exit_code == 0, dpo.stderr or dpo.exception
+    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
+    assert manifest["lineage"]["adapter_base"] == "base_model" and "eval_rewards/margins" in manifest["metrics"]
+    assert not (tmp_path / "dpo" / "ref").exists()  # only the trained adapter is saved
+
+
+def test_unsloth_backend_says_why_it_cannot_run(prepared, tmp_path):
+    config, data = prepared
+    result = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", "--set", "sft.backend=unsloth")
+    assert result.exit_code == 2
+    assert "unsloth needs a CUDA GPU" in result.stderr and "sft.backend: hf" in result.stderr
+    assert_no_output(tmp_path / "sft")
+
+
+def test_all_ones_loss_mask_fails_before_training(tmp_path):
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "t.jsonl", [{"text": f"plain text {i}"} for i in range(12)])])
+    assert cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data").exit_code == 0
+    result = cli("stage", "sft", "--config", config, "--input", f"data={tmp_path / 'data'}", "--output", tmp_path / "sft")
+    assert result.exit_code == 2 and "loss mask is all ones" in result.stderr and "sft.loss_on: all" in result.stderr
+    assert_no_output(tmp_path / "sft")
+
+
+def test_stage_inputs_are_checked(prepared, tmp_path):
+    config, data = prepared
+    missing = cli("stage", "dpo", "--config", config, "--input", f"data={data}", "--output", tmp_path / "o")
+    assert missing.exit_code == 2 and "needs --input model=PATH" in missing.stderr
+    partial = tmp_path / "half"
+    partial.mkdir()
+    result = cli("stage", "sft", "--config", config, "--input", f"data={partial}", "--output", tmp_path / "o")
+    assert result.exit_code == 2 and "not a complete tuneforge stage output" in result.stderr
+    wrong = cli("stage", "merge", "--config", config, "--input", f"model={data}", "--output", tmp_path / "o")
+    assert wrong.exit_code == 2 and "is the output of stage 'data-prep', expected sft or dpo" in wrong.stderr
+    assert cli("stage", "train", "--config", config, "--output", tmp_path / "o").exit_code == 2
+
+
+def test_failed_pipeline_reports_the_stage_and_exits_non_zero(tmp_path):
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(12))], dpo={"enabled": True})
+    result = tuneforge("run", config, "--run-dir", tmp_path / "run")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "failed" and summary["stages"]["dpo"]["status"] == "failed"
+    assert "no preference pairs" in summary["error"] and summary["stages"]["merge"]["status"] == "skipped"
+    assert not (tmp_path / "run" / "dpo").exists()
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    config, data = prepared
+    output = tmp_path / "sft"
+    checkpoints = tmp_path / "sft.checkpoints"
+    args = ["stage", "sft", "--config", config, "--input", f"data={data}", "--output", output,
+            "--set", "sft.max_steps=300", "--set", "sft.save_steps=10", "--set", "sft.batch_size=2"]
+    process = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "checkpoint-20").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not output.exists() and not (output / "manifest.json").exists()
+    resumed = tuneforge(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["metrics"]["steps"] == 300
+    history = json.loads((output / "train_history.json").read_text())
+    assert history[-1]["step"] == 300
