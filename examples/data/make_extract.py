@@ -38,13 +38,18 @@ def example(rng, names, cities):
     return name, city, sentence, answer
 
 
+def misspell(rng, word):
+    """The mistakes a small model makes when it copies a name: one letter dropped, doubled or changed."""
+    i = rng.randrange(1, len(word))
+    return rng.choice([word[:i] + word[i + 1 :], word[:i] + word[i] + word[i:], word[:i] + rng.choice("aeiou") + word[i + 1 :]])
+
+
 def rejected(rng, name, city, names, cities):
-    wrong_city = rng.choice([c for c in cities if c != city])
     return rng.choice([
-        f"The person is {name} and the city is {city}.",
+        json.dumps({"name": misspell(rng, name), "city": city}),
+        json.dumps({"name": name, "city": misspell(rng, city)}),
         json.dumps({"name": city, "city": name}),
-        json.dumps({"name": name, "city": wrong_city}),
-        f"Sure! Here is the JSON: {{'name': '{name}'}}",
+        f"The person is {name} and the city is {city}.",
     ])
 
 

@@ -1,0 +1,54 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tuneforge.config import BaseModelSettings
+from tuneforge.models import ModelLoadError, cache_dir, resolve
+
+
+def test_tiny_model_is_built_once_and_loads():
+    path = resolve(BaseModelSettings(source="tiny-llama"))
+    assert path == str(cache_dir() / "models" / "tiny-llama")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.vocab_size == len(tokenizer) and tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.chat_template
+
+
+def _model_dir(tmp_path, weights: str):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    if weights == "pickle":
+        torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    elif weights == "safetensors":
+        save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
+    return folder
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, caplog):
+    folder = _model_dir(tmp_path, "pickle")
+    with pytest.raises(ModelLoadError, match="only pickle weights \\(pytorch_model.bin\\).*allow_pickle: true"):
+        resolve(BaseModelSettings(source=str(folder)))
+    assert resolve(BaseModelSettings(source=str(folder), allow_pickle=True)) == str(folder)
+    assert "allow_pickle is true" in caplog.text
+
+
+def test_local_directories_and_hub_ids(tmp_path):
+    assert resolve(BaseModelSettings(source=str(_model_dir(tmp_path, "safetensors")))) == str(tmp_path / "model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model directory"):
+        resolve(BaseModelSettings(source=str(tmp_path / "empty")))
+    with pytest.raises(ModelLoadError, match="GGUF file .* not found"):
+        resolve(BaseModelSettings(source=str(tmp_path / "x.gguf")))
+    with pytest.raises(ModelLoadError, match="neither an existing path nor a Hub id"):
+        resolve(BaseModelSettings(source="./no/such/dir"))
+    # Hub ids pass through untouched: transformers fetches them where the Hub is reachable.
+    assert resolve(BaseModelSettings(source="HuggingFaceTB/SmolLM2-135M-Instruct")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert BaseModelSettings(source="x").trust_remote_code is False
+    assert BaseModelSettings(source="x").allow_pickle is False
