@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from safetensors.torch import load_file
 
 from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
 
@@ -71,8 +72,9 @@ def test_tiny_chain_end_to_end_with_tracking(tmp_path):
         ({"method": "lora", "lora": {"use_dora": True, "use_rslora": True}}, lambda a: a["use_dora"] and a["use_rslora"]),
         ({"method": "qlora"}, lambda a: a["peft_type"] == "LORA"),
         ({"method": "lora", "packing": True}, lambda a: True),
+        ({"method": "lora", "gradient_checkpointing": True, "early_stopping_patience": 1, "eval_steps": 2}, lambda a: True),
     ],
-    ids=["lora", "dora-rslora", "qlora", "packing"],
+    ids=["lora", "dora-rslora", "qlora", "packing", "checkpointing-early-stopping"],
 )
 def test_sft_methods_then_merge(prepared, tmp_path, sft_settings, check):
     config, data = prepared
@@ -81,6 +83,9 @@ def test_sft_methods_then_merge(prepared, tmp_path, sft_settings, check):
     assert result.exit_code == 0, result.stderr or result.exception
     adapter = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "tiny-llama" and check(adapter)
+    # LoRA B matrices start at zero: non-zero ones prove gradients reached the adapter (QLoRA on CPU included).
+    weights = load_file(tmp_path / "sft" / "adapter_model.safetensors")
+    assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
     manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
     assert manifest["lineage"]["kind"] == "adapter" and manifest["metrics"]["steps"] == 4
     assert not (tmp_path / "sft.checkpoints").exists()
@@ -160,3 +165,34 @@ def test_killed_sft_resumes_from_its_last_checkpoint(prepared, tmp_path):
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["metrics"]["steps"] == 300
     history = json.loads((output / "train_history.json").read_text())
     assert history[-1]["step"] == 300
+
+
+def test_merge_proof_failure_leaves_nothing(prepared, tmp_path):
+    config, data = prepared
+    assert cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", "--set", "sft.method=lora").exit_code == 0
+    result = cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged", "--set", "merge.tolerance=1e-12")
+    assert result.exit_code == 2 and "merge check failed" in result.stderr and "merge.tolerance=1e-12" in result.stderr
+    assert_no_output(tmp_path / "merged")
+
+
+def test_evaluate_refuses_another_chat_template(prepared, tmp_path):
+    config, data = prepared
+    assert cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft").exit_code == 0
+    assert cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged").exit_code == 0
+    other = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data2", "--set", "data.chat_template=llama3", "--set", "data.max_length=512")
+    assert other.exit_code == 0, other.stderr
+    result = cli("stage", "evaluate", "--config", config, "--input", f"data={tmp_path / 'data2'}", "--input", f"model={tmp_path / 'merged'}", "--output", tmp_path / "eval")
+    assert result.exit_code == 2 and "chat template mismatch" in result.stderr
+    assert_no_output(tmp_path / "eval")
+
+
+def test_mlflow_tracking_uri_from_the_environment_is_respected(prepared, tmp_path, monkeypatch):
+    config, _ = prepared
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data")
+    assert result.exit_code == 0, result.stderr
+    run_id = json.loads((tmp_path / "data" / "manifest.json").read_text())["lineage"]["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["tuneforge.stage"] == "data-prep" and run.data.metrics["sft_train"] > 0

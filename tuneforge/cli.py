@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -28,12 +29,13 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a c
 def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.chat_templates import TemplateError
     from tuneforge.components.data_prep import DataError
+    from tuneforge.components.merge import MergeCheckError
     from tuneforge.config import ConfigError
     from tuneforge.models import ModelLoadError
     from tuneforge.storage import IncompleteOutputError
     from tuneforge.training import TrainingSetupError
 
-    return ConfigError, DataError, ModelLoadError, TemplateError, IncompleteOutputError, TrainingSetupError
+    return ConfigError, DataError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError, TrainingSetupError
 
 
 def _fail(message: str) -> None:
@@ -97,7 +99,9 @@ def stage(
     cfg = _load(config, set_)
     module = importlib.import_module(f"tuneforge.components.{module_name}")
     try:
-        result = module.run(cfg, inputs, output)
+        # Libraries print progress to stdout; keep stdout for the JSON result alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = module.run(cfg, inputs, output)
     except _user_errors() as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result))
@@ -116,7 +120,8 @@ def run(
 
     cfg = _load(config, set_)
     try:
-        summary = run_pipeline(cfg, run_dir)
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run_pipeline(cfg, run_dir)
     except _user_errors() as exc:
         _fail(str(exc))
     typer.echo(json.dumps(summary))

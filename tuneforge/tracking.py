@@ -87,8 +87,18 @@ def stage_run(config: Config, stage: str, lineage: dict[str, Any]) -> Iterator[m
         yield run
 
 
+def inherit_lineage(parent_manifest: dict[str, Any], config: Config) -> dict[str, Any]:
+    """A stage's lineage: its input's (base model, data and template hashes, template, special tokens),
+    pointing at the input's MLflow run as its parent."""
+    lineage = {k: v for k, v in parent_manifest["lineage"].items() if k != "mlflow_run_id"}
+    lineage.update(parent_run=parent_manifest["lineage"].get("mlflow_run_id"), config_hash=config.hash())
+    return lineage
+
+
 def set_lineage(lineage: dict[str, Any]) -> None:
-    mlflow.set_tags({f"lineage.{k}": str(v) for k, v in lineage.items() if v is not None})
+    # The template itself travels in the manifests; its hash is the tag.
+    tags = {f"lineage.{k}": str(v) for k, v in lineage.items() if v is not None and k != "chat_template"}
+    mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("lineage.special_tokens")})
 
 
 class MlflowMetrics(TrainerCallback):

@@ -41,7 +41,8 @@ def example(rng, names, cities):
 def misspell(rng, word):
     """The mistakes a small model makes when it copies a name: one letter dropped, doubled or changed."""
     i = rng.randrange(1, len(word))
-    return rng.choice([word[:i] + word[i + 1 :], word[:i] + word[i] + word[i:], word[:i] + rng.choice("aeiou") + word[i + 1 :]])
+    vowel = rng.choice([v for v in "aeiou" if v != word[i]])
+    return rng.choice([word[:i] + word[i + 1 :], word[:i] + word[i] + word[i:], word[:i] + vowel + word[i + 1 :]])
 
 
 def rejected(rng, name, city, names, cities):

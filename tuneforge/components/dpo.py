@@ -80,8 +80,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         loss_type=[settings.loss_type],
         max_length=config.data.max_length,
     )
-    lineage = {k: v for k, v in sft_manifest["lineage"].items() if k not in ("chat_template", "mlflow_run_id")}
-    lineage.update(parent_run=sft_manifest["lineage"]["mlflow_run_id"], config_hash=config.hash())
+    lineage = tracking.inherit_lineage(sft_manifest, config)
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         trainer = DPOTrainer(
             model=model,
@@ -102,13 +101,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         training.save_history(trainer.state.log_history, out, "DPO")
         mlflow.log_artifact(str(out / "loss_curve.png"), artifact_path=STAGE)
         mlflow.log_metrics({f"dpo/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lineage.update(
-            kind="adapter",
-            method="lora",
-            adapter_base=adapter_base,
-            chat_template=sft_manifest["lineage"]["chat_template"],
-            mlflow_run_id=mlrun.info.run_id,
-        )
+        lineage.update(kind="adapter", method="lora", adapter_base=adapter_base, mlflow_run_id=mlrun.info.run_id)
         storage.write_manifest(out, STAGE, lineage, metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {"status": "succeeded", "metrics": metrics, "output": str(output)}

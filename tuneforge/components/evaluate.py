@@ -154,8 +154,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         del model
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
 
-    lineage = {k: v for k, v in model_manifest["lineage"].items() if k not in ("chat_template", "mlflow_run_id")}
-    lineage.update(parent_run=model_manifest["lineage"].get("mlflow_run_id"), config_hash=config.hash())
+    lineage = tracking.inherit_lineage(model_manifest, config)
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
         samples = [
@@ -180,7 +179,7 @@ def _plot_before_after(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rates = [k for k in results["candidate"] if k.startswith("task_") or k == "preference_accuracy"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), gridspec_kw={"width_ratios": [max(len(rates), 1), 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), gridspec_kw={"width_ratios": [max(len(rates), 1), 1.5]})
     width = 0.38
     for offset, name, colour in ((-width / 2, "base", "#8c8c8c"), (width / 2, "candidate", "#4c72b0")):
         axes[0].bar([i + offset for i in range(len(rates))], [results[name][k] for k in rates], width, label=name, color=colour)
@@ -191,7 +190,7 @@ def _plot_before_after(results: dict[str, Any], path: Path) -> None:
     axes[0].set_title("held-out scores (higher is better)")
     axes[0].legend()
     axes[1].set_xticks([0], ["eval_loss"])
-    axes[1].set_title("loss (lower is better)")
+    axes[1].set_title("loss (lower is better)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

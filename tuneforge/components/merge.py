@@ -30,6 +30,12 @@ PROBES = [
     "List three colours.",
     "What is 12 plus 30?",
 ]
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model does not reproduce the adapter model."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,7 +78,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         diff = (before - after).abs().max().item()
         metrics["merge_max_abs_logit_diff"] = diff
         if diff > config.merge.tolerance:
-            raise RuntimeError(
+            raise MergeCheckError(
                 f"merge check failed: merged logits differ from the adapter model's by {diff:.3g} "
                 f"(> merge.tolerance={config.merge.tolerance})"
             )
@@ -89,9 +95,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     if stop_ids:
         merged.generation_config.eos_token_id = sorted(set(stop_ids))
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    lineage = {k: v for k, v in lineage_in.items() if k not in ("mlflow_run_id", "adapter_base")}
-    lineage.update(parent_run=lineage_in.get("mlflow_run_id"), kind="full", dtype=config.merge.dtype, config_hash=config.hash())
-    with tracking.stage_run(config, STAGE, {k: v for k, v in lineage.items() if k != "chat_template"}) as mlrun, storage.staged_output(output) as out:
+    lineage = tracking.inherit_lineage(manifest, config)
+    lineage.pop("adapter_base", None)
+    lineage.update(kind="full", dtype=config.merge.dtype)
+    with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         merged.save_pretrained(out, max_shard_size=config.merge.max_shard_size, safe_serialization=True)
         tokenizer.padding_side = "right"
         tokenizer.save_pretrained(out)

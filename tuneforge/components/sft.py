@@ -113,8 +113,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         packing=settings.packing,
         dataset_num_proc=None,
     )
-    lineage = {k: v for k, v in data_manifest["lineage"].items() if k not in ("chat_template", "mlflow_run_id")}
-    lineage.update(parent_run=data_manifest["lineage"].get("mlflow_run_id"), config_hash=config.hash())
+    lineage = tracking.inherit_lineage(data_manifest, config)
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         trainer = SFTTrainer(
             model=model,
@@ -138,13 +137,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         training.save_history(trainer.state.log_history, out, f"SFT ({settings.method})")
         mlflow.log_artifact(str(out / "loss_curve.png"), artifact_path=STAGE)
         mlflow.log_metrics({f"sft/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lineage.update(
-            kind=kind,
-            method=settings.method,
-            chat_template=data_manifest["lineage"]["chat_template"],
-            special_tokens=data_manifest["lineage"]["special_tokens"],
-            mlflow_run_id=mlrun.info.run_id,
-        )
+        lineage.update(kind=kind, method=settings.method, mlflow_run_id=mlrun.info.run_id)
         storage.write_manifest(out, STAGE, lineage, metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {"status": "succeeded", "metrics": metrics, "output": str(output)}
