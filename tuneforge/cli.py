@@ -21,6 +21,7 @@ STAGES = {
     "dpo": ("dpo", ("data", "model"), ()),
     "merge": ("merge", ("model",), ("base",)),
     "evaluate": ("evaluate", ("data", "model"), ("sft", "dpo")),
+    "export-gguf": ("export_gguf", ("model",), ()),
 }
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b=value")]
@@ -31,11 +32,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.components.data_prep import DataError
     from tuneforge.components.merge import MergeCheckError
     from tuneforge.config import ConfigError
+    from tuneforge.gguf import ExportError
     from tuneforge.models import ModelLoadError
     from tuneforge.storage import IncompleteOutputError
     from tuneforge.training import TrainingSetupError
 
-    return ConfigError, DataError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError, TrainingSetupError
+    return ConfigError, DataError, ExportError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError, TrainingSetupError
 
 
 def _fail(message: str) -> None:

@@ -137,6 +137,54 @@ class EvaluateSettings(Strict):
     batch_size: int = Field(8, gt=0)
 
 
+class Tolerance(Strict):
+    max_kl: float = Field(gt=0, description="Mean KL divergence (reference || GGUF) per position, in nats.")
+    min_argmax: float = Field(ge=0, le=1, description="Share of positions whose top token agrees.")
+    min_top5: float = Field(ge=0, le=1, description="Mean overlap of the top-5 tokens.")
+
+
+GGUF_TOLERANCES = {
+    "f16": Tolerance(max_kl=0.002, min_argmax=0.98, min_top5=0.95),
+    "bf16": Tolerance(max_kl=0.01, min_argmax=0.95, min_top5=0.9),
+    "q8_0": Tolerance(max_kl=0.05, min_argmax=0.9, min_top5=0.85),
+    "q6_k": Tolerance(max_kl=0.05, min_argmax=0.85, min_top5=0.8),
+    "q5_k_m": Tolerance(max_kl=0.1, min_argmax=0.8, min_top5=0.75),
+    "q4_k_m": Tolerance(max_kl=0.2, min_argmax=0.75, min_top5=0.7),
+}
+
+
+GgufType = Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+
+
+class ExportSettings(Strict):
+    enabled: bool = True
+    types: list[GgufType] = Field(
+        default_factory=lambda: ["q8_0"],
+        min_length=1,
+        description="GGUF types to write; q4_k_m, q5_k_m and q6_k use llama.cpp's quantizer (the gguf extra).",
+    )
+    verifier: Literal["auto", "llama_cpp", "transformers"] = Field(
+        "auto", description="Who loads each file to check it: llama.cpp where installed (auto), else transformers."
+    )
+    tolerances: dict[GgufType, Tolerance] = Field(
+        default_factory=dict, description="Per-type overrides of the verification limits (defaults per type)."
+    )
+    probes: list[str] = Field(
+        default_factory=lambda: [
+            "Hello! Who are you?",
+            "Write one sentence about the sea.",
+            "Explain in two sentences why the sky is blue.",
+        ],
+        min_length=1,
+        description="User messages rendered with the chat template and scored by both models.",
+    )
+    temperature: float = Field(0.2, ge=0, description="Ollama Modelfile default temperature.")
+    num_ctx: int = Field(2048, gt=0, description="Ollama Modelfile context length.")
+
+    def tolerance(self, gguf_type: str) -> Tolerance:
+        return self.tolerances.get(gguf_type, GGUF_TOLERANCES[gguf_type])
+
+
 class TrackingSettings(Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
@@ -153,6 +201,7 @@ class Config(Strict):
     dpo: DpoSettings = Field(default_factory=lambda: DpoSettings(enabled=False))
     merge: MergeSettings = Field(default_factory=MergeSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="after")
