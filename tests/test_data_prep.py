@@ -74,11 +74,12 @@ def test_each_format_is_detected_and_normalised(tmp_path, rows, fmt):
 def test_multiturn_masks_cover_every_assistant_turn_and_nothing_else(tmp_path):
     from transformers import AutoTokenizer
 
-    from tuneforge.models import cache_dir
+    from tuneforge.config import BaseModelSettings
+    from tuneforge.models import resolve
 
     result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "chat.jsonl", MESSAGES)], data={"eval_fraction": 0})
     assert result.exit_code == 0, result.stderr
-    tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "models" / "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")))
     for row in sft_rows(out):
         learned = tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m])
         number = row["messages"][1]["content"].split()[1].rstrip("?")

@@ -38,12 +38,12 @@ def test_tiny_chain_end_to_end_with_tracking(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded"
-    assert [s["status"] for s in summary["stages"].values()] == ["succeeded"] * 5
+    assert [s["status"] for s in summary["stages"].values()] == ["succeeded"] * 6
     assert summary["metrics"]["candidate"]["eval_loss"] < summary["metrics"]["base"]["eval_loss"] - 1.0
     assert elapsed < 120
-    for stage in ("data", "sft", "dpo", "merged", "evaluation"):
+    for stage in ("data", "sft", "dpo", "merged", "evaluation", "gguf"):
         assert (tmp_path / "run" / stage / "manifest.json").exists()
-    assert "[3/5] dpo" in result.stderr  # progress a person can follow
+    assert "[3/6] dpo" in result.stderr  # progress a person can follow
 
     mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
@@ -52,7 +52,9 @@ def test_tiny_chain_end_to_end_with_tracking(tmp_path):
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["tuneforge.stage"]: r for r in children}
-    assert set(by_stage) == {"data-prep", "sft", "dpo", "merge", "evaluate"}
+    assert set(by_stage) == {"data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf"}
+    assert summary["artifacts"]["gguf"] == [str(tmp_path / "run" / "gguf" / "tiny-extract-q8_0.gguf")]
+    assert by_stage["export-gguf"].data.metrics["q8_0/tokenizer_agreement"] == 1.0
     sft = by_stage["sft"]
     assert sft.data.params["sft.method"] == "full" and sft.data.params["base_model.source"] == "tiny-llama"
     assert len(client.get_metric_history(sft.info.run_id, "sft/loss")) >= 3

@@ -24,7 +24,8 @@ class Strict(BaseModel):
 
 class BaseModelSettings(Strict):
     source: str = Field(
-        description="A built-in name (smollm2-135m-instruct, tiny-llama), a local Hugging Face "
+        description="A built-in name (smollm2-135m-instruct; tiny-llama, tiny-qwen2, tiny-qwen3, tiny-gemma3: random, "
+        "built locally), a local Hugging Face "
         "directory, a .gguf file (dequantized on load) or a Hugging Face Hub id."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")

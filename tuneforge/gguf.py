@@ -52,6 +52,11 @@ KNOWN_PRE_TOKENIZERS = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
 }
 
+SPLIT_REGEXES = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",
+}
+
 
 class ExportError(RuntimeError):
     pass
@@ -123,9 +128,13 @@ def _pre_tokenizer(tokenizer, tokenizer_json: dict[str, Any]) -> str:
     digest = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
     if digest in KNOWN_PRE_TOKENIZERS:
         return KNOWN_PRE_TOKENIZERS[digest]
+    # A vocabulary llama.cpp has not seen can still use a split it knows: recognise the split itself.
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"  # a bare byte-level split is GPT-2's regex, whatever the vocabulary
+        return "gpt-2"
+    splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+    if len(splits) == 1 and splits[0] in SPLIT_REGEXES:
+        return SPLIT_REGEXES[splits[0]]
     raise ExportError(
         f"unknown BPE pre-tokenizer (llama.cpp check hash {digest[:16]}…, pre_tokenizer {pre.get('type')!r}); "
         "llama.cpp would split text differently from transformers"
@@ -214,8 +223,9 @@ def _write_sentencepiece(writer: gguf.GGUFWriter, path: Path, tokenizer, vocab_s
             types[i] = gguf.TokenType.BYTE
         else:
             types[i] = gguf.TokenType.NORMAL
+    # Chat markers such as <start_of_turn> must stay whole tokens in llama.cpp too.
     for token_id, token in tokenizer.added_tokens_decoder.items():
-        if token_id < vocab_size and token_id >= processor.vocab_size():
+        if token_id < vocab_size:
             tokens[token_id] = token.content.encode("utf-8")
             scores[token_id] = -1000.0
             types[token_id] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED

@@ -12,7 +12,7 @@ from typing import Any
 import mlflow
 
 from tuneforge import tracking
-from tuneforge.components import data_prep, dpo, evaluate, merge, sft
+from tuneforge.components import data_prep, dpo, evaluate, export_gguf, merge, sft
 from tuneforge.config import Config
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ KEY_METRICS = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "
 
 def plan(config: Config, run_dir: Path) -> list[tuple[str, Any, dict[str, Path], Path]]:
     """(stage, module, inputs, output) in order; each stage's inputs are earlier stages' outputs."""
-    out = {name: run_dir / name for name in ("data", "sft", "dpo", "merged", "evaluation")}
+    out = {name: run_dir / name for name in ("data", "sft", "dpo", "merged", "evaluation", "gguf")}
     steps = [("data-prep", data_prep, {}, out["data"]), ("sft", sft, {"data": out["data"]}, out["sft"])]
     final_model = {"model": out["sft"]}
     if config.dpo.enabled:
@@ -33,6 +33,8 @@ def plan(config: Config, run_dir: Path) -> list[tuple[str, Any, dict[str, Path],
     steps.append(("merge", merge, final_model, out["merged"]))
     curves = {k: out[k] for k in ("sft", "dpo") if k == "sft" or config.dpo.enabled}
     steps.append(("evaluate", evaluate, {"data": out["data"], "model": out["merged"], **curves}, out["evaluation"]))
+    if config.export.enabled:
+        steps.append(("export-gguf", export_gguf, {"model": out["merged"]}, out["gguf"]))
     return steps
 
 
@@ -61,6 +63,8 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> dict[str, Any]:
                         summary["stages"][later] = {"status": "skipped"}
                     mlflow.set_tag("tuneforge.failed_stage", name)
                     break
+                if name == "evaluate":
+                    summary_metrics = result["metrics"]
                 seconds = round(time.monotonic() - stage_started, 1)
                 summary["stages"][name] = {"status": "succeeded", "seconds": seconds, "output": str(output)}
                 log.info("[%d/%d] %s done in %.1f s", index, len(steps), name, seconds)
@@ -70,7 +74,7 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> dict[str, Any]:
             os.environ.pop(tracking.PARENT_RUN_ENV, None)
         summary["seconds"] = round(time.monotonic() - started, 1)
         if summary["status"] == "succeeded":
-            results = result["metrics"]
+            results = summary_metrics
             summary["metrics"] = {
                 model: {k: round(results[model][k], 4) for k in KEY_METRICS if k in results[model]}
                 for model in ("base", "candidate")
@@ -80,6 +84,8 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> dict[str, Any]:
                 "adapter": str(run_dir / ("dpo" if config.dpo.enabled else "sft")),
                 "report": str(run_dir / "evaluation" / "report.md"),
             }
+            if config.export.enabled:
+                summary["artifacts"]["gguf"] = [str(run_dir / "gguf" / f"{config.name}-{t}.gguf") for t in config.export.types]
             mlflow.log_metrics({f"candidate/{k}": v for k, v in summary["metrics"]["candidate"].items()})
         else:
             mlflow.end_run(status="FAILED")

@@ -16,8 +16,10 @@ from tuneforge.config import BaseModelSettings
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
-TINY = "tiny-llama"
-BUILTINS = (SMOLLM2, TINY)
+# Random models built locally; hidden size 256 keeps every row a multiple of 256, as GGUF K-quants need.
+TINY = {f"tiny-{arch}": arch for arch in ("llama", "qwen2", "qwen3", "gemma3")}
+TINY_HIDDEN = 256
+BUILTINS = (SMOLLM2, *TINY)
 
 # LoRA targets per model family: attention and MLP projections, which is what the LoRA/QLoRA papers
 # and Unsloth's defaults train.
@@ -51,10 +53,10 @@ def resolve(settings: BaseModelSettings) -> str:
     source = settings.source
     if source == SMOLLM2:
         return str(_from_gguf(_smollm2_gguf(), name=SMOLLM2))
-    if source == TINY:
-        from tuneforge.tiny import build_tiny_llama
+    if source in TINY:
+        from tuneforge.tiny import build_tiny
 
-        return str(build_tiny_llama(cache_dir() / "models" / TINY))
+        return str(build_tiny(cache_dir() / "models" / f"{source}-h{TINY_HIDDEN}", TINY[source], hidden_size=TINY_HIDDEN))
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -134,6 +136,15 @@ def _from_gguf(gguf: Path, name: str | None = None) -> Path:
     tokenizer.save_pretrained(staging)
     os.replace(staging, target)
     return target
+
+
+def save_tokenizer(tokenizer, folder: Path, source: str | Path) -> None:
+    """Save the tokenizer, and carry a SentencePiece model file along: GGUF export needs it, and
+    transformers only writes tokenizer.json."""
+    tokenizer.save_pretrained(folder)
+    spm = Path(source) / "tokenizer.model"
+    if spm.is_file():
+        shutil.copy(spm, Path(folder) / "tokenizer.model")
 
 
 def load_tokenizer(path: str, settings: BaseModelSettings):

@@ -96,7 +96,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if has_eval:
             metrics.update(trainer.evaluate())
         trainer.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        models.save_tokenizer(tokenizer, out, sft_dir)
         training.set_adapter_base(out, config.base_model.source if adapter_base == "base_model" else "sft")
         training.save_history(trainer.state.log_history, out, "DPO")
         mlflow.log_artifact(str(out / "loss_curve.png"), artifact_path=STAGE)

@@ -70,7 +70,7 @@ def gguf_logits(path: Path, verifier: str, token_ids: list[list[int]], texts: li
 
         llm = Llama(model_path=str(path), logits_all=True, n_ctx=max(map(len, token_ids)) + 16,
                     n_threads=os.cpu_count() or 1, verbose=False)
-        tokenized = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
+        tokenized = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
         logits = []
         for ids in token_ids:
             llm.reset()
@@ -139,7 +139,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in settings.probes
     ]
-    token_ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    # The rendered chat text already holds the BOS token where the template wants one.
+    token_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     reference_model = models.load_model(str(model_dir), config.base_model)
     with torch.no_grad():
         reference = [reference_model(torch.tensor([ids])).logits[0].float().numpy() for ids in token_ids]

@@ -101,7 +101,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         merged.save_pretrained(out, max_shard_size=config.merge.max_shard_size, safe_serialization=True)
         tokenizer.padding_side = "right"
-        tokenizer.save_pretrained(out)
+        models.save_tokenizer(tokenizer, out, model_dir)
         mlflow.log_metrics(metrics)
         lineage["mlflow_run_id"] = mlrun.info.run_id
         storage.write_manifest(out, STAGE, lineage, metrics)

@@ -130,7 +130,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if has_eval:
             metrics.update(trainer.evaluate())
         trainer.model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        models.save_tokenizer(tokenizer, out, model_path)
         kind = "full" if peft_config is None else "adapter"
         if kind == "adapter":
             training.set_adapter_base(out, config.base_model.source)
