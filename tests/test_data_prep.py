@@ -26,6 +26,12 @@ SHAREGPT = [
 ]
 PROMPT_COMPLETION = [{"prompt": f"Say {i}", "completion": f"{i}"} for i in range(10)]
 TEXT = [{"text": f"Plain text number {i} for pretraining."} for i in range(10)]
+DOLLY = [{"instruction": f"Summarise {i}.", "context": f"Text {i} is long.", "response": f"Short {i}.", "category": "summarization"} for i in range(10)]
+SHAREGPT_ROLE_CONTENT = [
+    {"conversations": [{"role": "user", "content": [{"type": "text", "text": f"Hi {i}"}]}, {"role": "assistant", "content": f"Yo {i}"}]}
+    for i in range(10)
+]
+ORCA_DPO = [{"system": "Be kind.", "question": f"Q{i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(10)]
 PREFERENCE_MESSAGES = [
     {
         "chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"good {i}"}],
@@ -59,7 +65,12 @@ def sft_rows(out, split="train"):
         (TEXT, "text"),
         (preference_rows(10), "preference"),
         (PREFERENCE_MESSAGES, "preference"),
+        (DOLLY, "alpaca"),
+        (SHAREGPT_ROLE_CONTENT, "sharegpt"),
+        (ORCA_DPO, "preference"),
     ],
+    ids=["alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference", "preference-messages",
+         "dolly", "sharegpt-role-content-parts", "orca-dpo"],
 )
 def test_each_format_is_detected_and_normalised(tmp_path, rows, fmt):
     result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", rows)], sft={"loss_on": "all"} if fmt == "text" else {})
@@ -248,3 +259,13 @@ def test_broken_parquet_and_csv(tmp_path):
     result, out = run_prep(tmp_path, [tmp_path / "c.csv"])
     assert result.exit_code == 2 and f"{tmp_path / 'c.csv'}:2: more fields than the header names" in result.stderr
     assert_no_output(out)
+
+
+def test_public_dataset_variants_keep_their_content(tmp_path):
+    result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "dolly.jsonl", DOLLY), write_jsonl(tmp_path / "orca.jsonl", ORCA_DPO)],
+                           data={"eval_fraction": 0})
+    assert result.exit_code == 0, result.stderr
+    texts = {r["text"] for r in sft_rows(out)}
+    assert any("Summarise 0.\n\nText 0 is long.<|im_end|>" in t and "Short 0.<|im_end|>" in t for t in texts)
+    pairs = [json.loads(line) for line in (out / "preference_train.jsonl").read_text().splitlines()]
+    assert all(p["prompt"].startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nQ") for p in pairs)

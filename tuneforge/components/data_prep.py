@@ -162,7 +162,7 @@ def detect_format(keys: set[str], where: str) -> str:
         matches.append("messages")
     if "conversations" in keys:
         matches.append("sharegpt")
-    if {"instruction", "output"} <= keys:
+    if "instruction" in keys and keys & {"output", "response"}:
         matches.append("alpaca")
     if {"prompt", "completion"} <= keys:
         matches.append("prompt_completion")
@@ -194,6 +194,13 @@ def _string(record: dict, key: str, allow_empty: bool = False) -> str:
     return value
 
 
+def _text(content: Any) -> Any:
+    """OpenAI-style content parts ([{"type": "text", "text": ...}]) become plain text; other values pass through."""
+    if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    return content
+
+
 def _messages(value: Any, key: str, sharegpt: bool = False) -> list[dict[str, str]]:
     if isinstance(value, str):
         try:
@@ -206,9 +213,10 @@ def _messages(value: Any, key: str, sharegpt: bool = False) -> list[dict[str, st
     for i, turn in enumerate(value):
         if not isinstance(turn, dict):
             raise RowError(f"{key}[{i}] must be an object, got {type(turn).__name__}")
-        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        # ShareGPT exports use from/value, some use role/content inside "conversations"; accept both.
+        role_key, content_key = ("from", "value") if sharegpt and "from" in turn else ("role", "content")
         role = turn.get(role_key)
-        content = turn.get(content_key)
+        content = _text(turn.get(content_key))
         if sharegpt:
             if role not in SHAREGPT_ROLES:
                 raise RowError(f"{key}[{i}].from: {role!r} is not one of {', '.join(SHAREGPT_ROLES)}")
@@ -228,11 +236,14 @@ def normalize(record: Any, fmt: str, where: str) -> Row:
         raise RowError(f"expected an object with named fields, got {type(record).__name__}")
     if fmt == "alpaca":
         instruction = _string(record, "instruction")
-        extra = record.get("input") or ""
+        # Dolly-style rows name the fields context/response.
+        input_key = "input" if "input" in record else "context"
+        extra = record.get(input_key) or ""
         if not isinstance(extra, str):
-            raise RowError(f"field 'input' must be a string, got {type(extra).__name__}")
+            raise RowError(f"field {input_key!r} must be a string, got {type(extra).__name__}")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output")}]
+        answer = _string(record, "response" if "response" in record and "output" not in record else "output")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         if isinstance(record.get("system"), str) and record["system"].strip():
             messages.insert(0, {"role": "system", "content": record["system"]})
         return Row(where, "sft", messages=messages)
@@ -277,7 +288,7 @@ def _answer(record: dict, key: str) -> tuple[list[dict[str, str]] | None, str]:
 def _preference(record: dict, where: str) -> Row:
     chosen_context, chosen = _answer(record, "chosen")
     rejected_context, rejected = _answer(record, "rejected")
-    prompt = record.get("prompt")
+    prompt = record.get("prompt", record.get("question"))  # orca_dpo_pairs-style rows say question
     if prompt is None:
         if not chosen_context:
             raise RowError("missing field 'prompt' (and chosen holds no prompt turns)")
@@ -292,6 +303,8 @@ def _preference(record: dict, where: str) -> Row:
         messages = _messages(prompt, "prompt")
     if chosen == rejected:
         raise RowError("chosen and rejected are identical: no preference to learn")
+    if isinstance(record.get("system"), str) and record["system"].strip() and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": record["system"]}, *messages]
     return Row(where, "preference", messages=messages, chosen=chosen, rejected=rejected)
 
 
