@@ -22,6 +22,7 @@ STAGES = {
     "merge": ("merge", ("model",), ("base",)),
     "evaluate": ("evaluate", ("data", "model"), ("sft", "dpo")),
     "export-gguf": ("export_gguf", ("model",), ()),
+    "register": ("register", ("evaluation", "model"), ("gguf",)),
 }
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b=value")]
@@ -34,10 +35,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.config import ConfigError
     from tuneforge.gguf import ExportError
     from tuneforge.models import ModelLoadError
-    from tuneforge.storage import IncompleteOutputError
+    from tuneforge.registry import RegistryError
+    from tuneforge.services import ServiceError
+    from tuneforge.storage import IncompleteOutputError, StorageError
     from tuneforge.training import TrainingSetupError
 
-    return ConfigError, DataError, ExportError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError, TrainingSetupError
+    return (ConfigError, DataError, ExportError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError,
+            TrainingSetupError, StorageError, RegistryError, ServiceError)
 
 
 def _fail(message: str) -> None:
@@ -129,6 +133,84 @@ def run(
     typer.echo(json.dumps(summary))
     if summary["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+services_app = typer.Typer(no_args_is_help=True, help="A local SeaweedFS (S3) and MLflow server on 127.0.0.1.")
+app.add_typer(services_app, name="services")
+FolderOption = Annotated[Path, typer.Option(help="Where the services keep data, logs and their env file.")]
+
+
+@services_app.command("up")
+def services_up(folder: FolderOption = Path("runs/services")) -> None:
+    """Start both services (or report the running ones); prints how to point tuneforge at them."""
+    from tuneforge import services
+
+    try:
+        env = services.up(folder)
+    except services.ServiceError as exc:
+        _fail(str(exc))
+    typer.echo(f"S3 (SeaweedFS): {env['AWS_ENDPOINT_URL']}, bucket {env['TUNEFORGE_S3_BUCKET']}")
+    typer.echo(f"MLflow:         {env['MLFLOW_TRACKING_URI']}")
+    typer.echo(f"Credentials and endpoints: source {services.Stack(folder.resolve()).env_file}")
+
+
+@services_app.command("down")
+def services_down(folder: FolderOption = Path("runs/services")) -> None:
+    """Stop both services; their data stays for the next `up`."""
+    from tuneforge import services
+
+    stopped = services.down(folder)
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@services_app.command("status")
+def services_status(folder: FolderOption = Path("runs/services")) -> None:
+    from tuneforge import services
+
+    typer.echo(json.dumps(services.status(folder), indent=2))
+
+
+registry_app = typer.Typer(no_args_is_help=True, help="Registered models: versions, aliases, rollback.")
+app.add_typer(registry_app, name="registry")
+TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI; default $MLFLOW_TRACKING_URI.")]
+
+
+def _client(tracking_uri: str | None):
+    import os
+
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        _fail("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI (e.g. sqlite:///runs/mlflow.db)")
+    return MlflowClient(tracking_uri=uri)
+
+
+@registry_app.command("list")
+def registry_list(name: str, tracking_uri: TrackingOption = None) -> None:
+    """Every version of a registered model with its aliases and evaluation metrics."""
+    from tuneforge import registry
+
+    typer.echo(json.dumps(registry.versions(_client(tracking_uri), name), indent=2))
+
+
+@registry_app.command("rollback")
+def registry_rollback(name: str, tracking_uri: TrackingOption = None) -> None:
+    """Move `champion` back to the version it replaced."""
+    from tuneforge import registry
+
+    try:
+        typer.echo(json.dumps(registry.rollback(_client(tracking_uri), name)))
+    except registry.RegistryError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def promote(name: str, version: str, tracking_uri: TrackingOption = None) -> None:
+    """Make a version champion by hand (the gate does it automatically in a run)."""
+    from tuneforge import registry
+
+    typer.echo(json.dumps(registry.promote(_client(tracking_uri), name, version)))
 
 
 def main() -> None:

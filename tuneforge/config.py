@@ -186,6 +186,30 @@ class ExportSettings(Strict):
         return self.tolerances.get(gguf_type, GGUF_TOLERANCES[gguf_type])
 
 
+class StorageSettings(Strict):
+    uri: str | None = Field(
+        None, description="s3://bucket/prefix where stage outputs are published (under NAME/RUN_ID/STAGE); null: local only."
+    )
+    endpoint_url: str | None = Field(None, description="S3 endpoint; null: $AWS_ENDPOINT_URL or AWS itself.")
+
+    @model_validator(mode="after")
+    def _s3_only(self) -> StorageSettings:
+        if self.uri is not None and not self.uri.startswith("s3://"):
+            raise ValueError(f"storage.uri must start with s3://, got {self.uri!r}")
+        return self
+
+
+class RegistrySettings(Strict):
+    enabled: bool = True
+    model_name: str | None = Field(None, description="Registered model name; null: the run name.")
+    primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion.")
+    min_improvement: float = Field(0.0, ge=0, description="How much the candidate must beat base and champion by.")
+    guards: dict[str, float] = Field(
+        default_factory=lambda: {"eval_loss": 0.05},
+        description="Metric -> the regression allowed against base and champion (absolute units).",
+    )
+
+
 class TrackingSettings(Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
@@ -203,6 +227,8 @@ class Config(Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="after")

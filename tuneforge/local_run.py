@@ -11,8 +11,8 @@ from typing import Any
 
 import mlflow
 
-from tuneforge import tracking
-from tuneforge.components import data_prep, dpo, evaluate, export_gguf, merge, sft
+from tuneforge import storage, tracking
+from tuneforge.components import data_prep, dpo, evaluate, export_gguf, merge, register, sft
 from tuneforge.config import Config
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ KEY_METRICS = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "
 
 def plan(config: Config, run_dir: Path) -> list[tuple[str, Any, dict[str, Path], Path]]:
     """(stage, module, inputs, output) in order; each stage's inputs are earlier stages' outputs."""
-    out = {name: run_dir / name for name in ("data", "sft", "dpo", "merged", "evaluation", "gguf")}
+    out = {name: run_dir / name for name in ("data", "sft", "dpo", "merged", "evaluation", "gguf", "registration")}
     steps = [("data-prep", data_prep, {}, out["data"]), ("sft", sft, {"data": out["data"]}, out["sft"])]
     final_model = {"model": out["sft"]}
     if config.dpo.enabled:
@@ -35,6 +35,11 @@ def plan(config: Config, run_dir: Path) -> list[tuple[str, Any, dict[str, Path],
     steps.append(("evaluate", evaluate, {"data": out["data"], "model": out["merged"], **curves}, out["evaluation"]))
     if config.export.enabled:
         steps.append(("export-gguf", export_gguf, {"model": out["merged"]}, out["gguf"]))
+    if config.registry.enabled:
+        inputs = {"evaluation": out["evaluation"], "model": out["merged"]}
+        if config.export.enabled:
+            inputs["gguf"] = out["gguf"]
+        steps.append(("register", register, inputs, out["registration"]))
     return steps
 
 
@@ -48,12 +53,16 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> dict[str, Any]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags={"tuneforge.stage": "pipeline"}) as parent:
         summary["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": parent.info.run_id}
         os.environ[tracking.PARENT_RUN_ENV] = parent.info.run_id
+        # Durable outputs are published under the run's id, so concurrent runs never overwrite each other.
+        os.environ[register.RUN_ID_ENV] = parent.info.run_id
         try:
             for index, (name, module, inputs, output) in enumerate(steps, start=1):
                 log.info("[%d/%d] %s -> %s", index, len(steps), name, output)
                 stage_started = time.monotonic()
                 try:
                     result = module.run(config, inputs, output)
+                    uri = register.published_uri(config, output.name)
+                    published = storage.publish(output, uri, config.storage.endpoint_url) if uri else None
                 except Exception as exc:
                     log.debug("stage %s failed:\n%s", name, traceback.format_exc())
                     summary["stages"][name] = {"status": "failed", "error": str(exc)}
@@ -65,13 +74,18 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> dict[str, Any]:
                     break
                 if name == "evaluate":
                     summary_metrics = result["metrics"]
+                if name == "register":
+                    summary["registered_model"] = {k: result["metrics"][k] for k in ("name", "version", "aliases", "decision")}
                 seconds = round(time.monotonic() - stage_started, 1)
                 summary["stages"][name] = {"status": "succeeded", "seconds": seconds, "output": str(output)}
+                if published:
+                    summary["stages"][name]["uri"] = published
                 log.info("[%d/%d] %s done in %.1f s", index, len(steps), name, seconds)
             else:
                 summary["status"] = "succeeded"
         finally:
             os.environ.pop(tracking.PARENT_RUN_ENV, None)
+            os.environ.pop(register.RUN_ID_ENV, None)
         summary["seconds"] = round(time.monotonic() - started, 1)
         if summary["status"] == "succeeded":
             results = summary_metrics
