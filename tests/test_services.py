@@ -1,0 +1,162 @@
+"""S3 and MLflow against real servers: SeaweedFS and an MLflow tracking server, started on free local ports."""
+
+import json
+import subprocess
+import sys
+
+import boto3
+import mlflow
+import pytest
+
+from conftest import EXAMPLES
+from tuneforge import registry, services, storage
+from tuneforge.config import RegistrySettings
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("services")
+    env = services.up(folder)
+    yield folder, env
+    services.down(folder)
+
+
+@pytest.fixture
+def s3_env(stack, monkeypatch):
+    for key, value in stack[1].items():
+        monkeypatch.setenv(key, value)
+    return stack[1]
+
+
+def _client(env):
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def _stage_output(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(bytes(range(256)) * 4096)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "note.txt").write_text("hello")
+    storage.write_manifest(folder, "merge", {"base_model": "x"}, {})
+    return folder
+
+
+def test_publish_and_fetch_round_trip(s3_env, tmp_path):
+    folder = _stage_output(tmp_path)
+    uri = storage.publish(folder, "s3://tuneforge/tests/round-trip")
+    fetched = storage.fetch(uri, tmp_path / "back")
+    assert (fetched / "weights.bin").read_bytes() == (folder / "weights.bin").read_bytes()
+    assert (fetched / "sub" / "note.txt").read_text() == "hello"
+    keys = {o["Key"] for o in _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix="tests/round-trip")["Contents"]}
+    assert keys == {"tests/round-trip/weights.bin", "tests/round-trip/sub/note.txt", "tests/round-trip/manifest.json"}
+
+
+def test_corrupted_object_is_detected(s3_env, tmp_path):
+    uri = storage.publish(_stage_output(tmp_path), "s3://tuneforge/tests/corrupt")
+    _client(s3_env).put_object(Bucket="tuneforge", Key="tests/corrupt/sub/note.txt", Body=b"tampered")
+    with pytest.raises(storage.StorageError, match="sub/note.txt: checksum mismatch"):
+        storage.fetch(uri, tmp_path / "back")
+    assert not (tmp_path / "back").exists() and not (tmp_path / "back.partial").exists()
+
+
+def test_half_uploaded_output_is_never_complete(s3_env, tmp_path):
+    _client(s3_env).put_object(Bucket="tuneforge", Key="tests/half/weights.bin", Body=b"partial")
+    with pytest.raises(storage.IncompleteOutputError, match="no manifest.json"):
+        storage.fetch("s3://tuneforge/tests/half", tmp_path / "back")
+
+
+def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(storage.StorageError) as err:
+        storage.publish(_stage_output(tmp_path), "s3://tuneforge/tests/denied")
+    assert "S3 refused access to s3://tuneforge/tests/denied" in str(err.value) and "SignatureDoesNotMatch" in str(err.value)
+    assert "not-the-secret" not in str(err.value) and s3_env["AWS_SECRET_ACCESS_KEY"] not in str(err.value)
+
+
+def test_services_status_and_idempotent_up(stack):
+    folder, env = stack
+    assert services.up(folder) == env  # already running: same endpoints, nothing restarted
+    state = services.status(folder)
+    assert state["running"] and state["mlflow_tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+    assert oct((folder / "env").stat().st_mode)[-3:] == "600"
+
+
+def test_registry_gate_both_ways_and_rollback(s3_env):
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    settings = RegistrySettings(primary_metric="task_score", guards={"eval_loss": 0.1})
+    base = {"task_score": 0.1, "eval_loss": 1.0}
+    name = "gate-test"
+
+    first = registry.register(client, name, "s3://tuneforge/m/1", None, {}, {"task_score": 0.5, "eval_loss": 0.5}, base, settings)
+    assert first["decision"]["promoted"] and first["aliases"] == ["challenger", "champion"]
+
+    worse = registry.register(client, name, "s3://tuneforge/m/2", None, {}, {"task_score": 0.4, "eval_loss": 0.4}, base, settings)
+    assert not worse["decision"]["promoted"] and worse["aliases"] == ["challenger"]
+    assert any("does not beat" in r and "champion" in r for r in worse["decision"]["reasons"])
+
+    guarded = registry.register(client, name, "s3://tuneforge/m/3", None, {}, {"task_score": 0.9, "eval_loss": 0.75}, base, settings)
+    assert not guarded["decision"]["promoted"]
+    assert any(r.startswith("guard eval_loss regresses by 0.25 against champion") for r in guarded["decision"]["reasons"])
+
+    better = registry.register(client, name, "s3://tuneforge/m/4", None, {}, {"task_score": 0.9, "eval_loss": 0.45}, base, settings)
+    assert better["decision"]["promoted"]
+    assert client.get_model_version_by_alias(name, "champion").version == "4"
+
+    assert registry.rollback(client, name) == {"name": name, "from": "4", "to": "1"}
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    listed = {v["version"]: v for v in registry.versions(client, name)}
+    assert listed["1"]["aliases"] == ["champion"] and listed["4"]["metrics"]["task_score"] == 0.9
+    with pytest.raises(registry.RegistryError, match="nothing to roll back to"):
+        registry.rollback(client, name)
+
+
+def test_promotion_rechecks_a_champion_promoted_meanwhile(s3_env, monkeypatch):
+    """Two runs finishing at once: the second decides against the first one's result, not the stale champion."""
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    settings = RegistrySettings(primary_metric="task_score", guards={})
+    name = "race-test"
+    base = {"task_score": 0.0}
+    registry.register(client, name, "s3://tuneforge/r/1", None, {}, {"task_score": 0.5}, base, settings)
+    real = registry.current_champion
+    calls = []
+
+    def champion_changes_between_decision_and_promotion(c, n):
+        calls.append(n)
+        if len(calls) == 2:  # just before the alias moves, another run has promoted a 0.8
+            version = c.create_model_version(n, source="s3://tuneforge/r/other", tags={"metric.task_score": "0.8"})
+            c.set_registered_model_alias(n, "champion", str(version.version))
+        return real(c, n)
+
+    monkeypatch.setattr(registry, "current_champion", champion_changes_between_decision_and_promotion)
+    result = registry.register(client, name, "s3://tuneforge/r/3", None, {}, {"task_score": 0.6}, base, settings)
+    assert not result["decision"]["promoted"]
+    assert any("promoted meanwhile" in r for r in result["decision"]["reasons"])
+    assert client.get_model_version_by_alias(name, "champion").tags["metric.task_score"] == "0.8"
+
+
+def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
+    command = [sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "tiny.yaml"), "--run-dir", str(tmp_path / "run"),
+               "--set", "storage.uri=s3://tuneforge/runs", "--set", f"workdir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    run_id = summary["mlflow"]["run_id"]
+    assert summary["mlflow"]["tracking_uri"] == s3_env["MLFLOW_TRACKING_URI"]
+    assert summary["stages"]["merge"]["uri"] == f"s3://tuneforge/runs/tiny-extract/{run_id}/merged"
+    keys = {o["Key"] for o in _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix=f"runs/tiny-extract/{run_id}/")["Contents"]}
+    for folder in ("data", "sft", "dpo", "merged", "evaluation", "gguf", "registration"):
+        assert f"runs/tiny-extract/{run_id}/{folder}/manifest.json" in keys
+    assert f"runs/tiny-extract/{run_id}/gguf/tiny-extract-q8_0.gguf" in keys
+
+    registered = summary["registered_model"]
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version("tiny-extract", registered["version"])
+    assert version.source == f"s3://tuneforge/runs/tiny-extract/{run_id}/merged"
+    assert "challenger" in registered["aliases"] and registered["decision"]["promoted"] == ("champion" in registered["aliases"])
+    assert json.loads(version.tags["gguf_files"])["q8_0"] == f"s3://tuneforge/runs/tiny-extract/{run_id}/gguf/tiny-extract-q8_0.gguf"
+    assert version.tags["data_sha256"] and version.tags["metric.eval_loss"]
+    # MLflow's artifacts went through the server into the bucket too.
+    artifacts = _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix="mlflow-artifacts/")
+    assert artifacts.get("KeyCount", 0) > 0
