@@ -49,6 +49,10 @@ def make_config(tmp_path: Path, sources, **sections) -> Path:
         "dpo": {"enabled": False, "max_steps": 2, "batch_size": 2, "save_steps": 2, "precision": "fp32"},
         "merge": {"dtype": "float32"},
         "evaluate": {"max_new_tokens": 8, "max_examples": 4, "samples": 2},
+        "export": {"types": ["q8_0"]},
+        "registry": {"primary_metric": "eval_loss"},
+        # A failing stage in a test should fail at once, not after KFP's retries and their backoff.
+        "cluster": {"resources": {"default": {"retries": 0}}},
     }
     for key, value in sections.items():
         config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.__setitem__(key, value)

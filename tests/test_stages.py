@@ -30,41 +30,50 @@ def prepared(tmp_path_factory):
     return config, tmp / "data"
 
 
-def test_tiny_chain_end_to_end_with_tracking(tmp_path):
+def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path):
     workdir = tmp_path / "work"
+    args = ["run", EXAMPLES / "tiny.yaml", "--set", f"workdir={workdir}", "--pipeline-root", tmp_path / "kfp"]
     started = time.monotonic()
-    result = tuneforge("run", EXAMPLES / "tiny.yaml", "--set", f"workdir={workdir}", "--run-dir", tmp_path / "run")
-    elapsed = time.monotonic() - started
+    result = tuneforge(*args)
+    first_run = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded"
-    assert [s["status"] for s in summary["stages"].values()] == ["succeeded"] * 6
+    stages = ["data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register"]
+    assert {k: v["status"] for k, v in summary["stages"].items()} == dict.fromkeys(stages, "succeeded")
     assert summary["metrics"]["candidate"]["eval_loss"] < summary["metrics"]["base"]["eval_loss"] - 1.0
-    assert elapsed < 120
-    for stage in ("data", "sft", "dpo", "merged", "evaluation", "gguf"):
-        assert (tmp_path / "run" / stage / "manifest.json").exists()
-    assert "[3/6] dpo" in result.stderr  # progress a person can follow
+    assert "Task 'sft' finished with status" in result.stderr.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    assert summary["registered_model"]["aliases"] == ["challenger", "champion"]
 
     mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
     client = mlflow.MlflowClient()
     parent = client.get_run(summary["mlflow"]["run_id"])
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"  # closed by the pipeline's exit handler
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["tuneforge.stage"]: r for r in children}
-    assert set(by_stage) == {"data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf"}
-    assert summary["artifacts"]["gguf"] == [str(tmp_path / "run" / "gguf" / "tiny-extract-q8_0.gguf")]
-    assert by_stage["export-gguf"].data.metrics["q8_0/tokenizer_agreement"] == 1.0
+    assert set(by_stage) == set(stages)
     sft = by_stage["sft"]
     assert sft.data.params["sft.method"] == "full" and sft.data.params["base_model.source"] == "tiny-llama"
     assert len(client.get_metric_history(sft.info.run_id, "sft/loss")) >= 3
     assert sft.data.tags["lineage.data_sha256"] == by_stage["data-prep"].data.tags["lineage.data_sha256"]
     assert sft.data.tags["lineage.chat_template_sha256"] and sft.data.tags["lineage.code_version"]
     assert "dpo/rewards/accuracies" in by_stage["dpo"].data.metrics
+    assert by_stage["export-gguf"].data.metrics["q8_0/tokenizer_agreement"] == 1.0
     evaluation = by_stage["evaluate"]
     assert {"base/eval_loss", "candidate/task_exact_match", "candidate/preference_accuracy"} <= set(evaluation.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluate")}
     assert {"evaluate/report.md", "evaluate/before_after.png", "evaluate/loss_curves.png"} <= artifacts
+
+    # Nothing changed: every training stage comes from KFP's cache; only registration runs again.
+    started = time.monotonic()
+    again = tuneforge(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert {k: v["status"] for k, v in rerun["stages"].items()} == {**dict.fromkeys(stages[:-1], "cached"), "register": "succeeded"}
+    assert time.monotonic() - started < first_run / 2
+    assert rerun["registered_model"]["version"] == "2"
+    assert not rerun["registered_model"]["decision"]["promoted"]  # the same model does not beat itself
 
 
 @pytest.mark.parametrize(
@@ -139,12 +148,14 @@ def test_stage_inputs_are_checked(prepared, tmp_path):
 
 def test_failed_pipeline_reports_the_stage_and_exits_non_zero(tmp_path):
     config = make_config(tmp_path, [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(12))], dpo={"enabled": True})
-    result = tuneforge("run", config, "--run-dir", tmp_path / "run")
+    result = tuneforge("run", config, "--pipeline-root", tmp_path / "kfp")
     assert result.returncode == 1
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "failed" and summary["stages"]["dpo"]["status"] == "failed"
-    assert "no preference pairs" in summary["error"] and summary["stages"]["merge"]["status"] == "skipped"
-    assert not (tmp_path / "run" / "dpo").exists()
+    assert "no preference pairs to train on" in result.stderr
+    assert "merge" not in summary["stages"]
+    run = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FAILED"  # the exit handler marked the pipeline's MLflow run
 
 
 def test_killed_sft_resumes_from_its_last_checkpoint(prepared, tmp_path):

@@ -117,22 +117,36 @@ def stage(
 def run(
     config: Path,
     set_: SetOption = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Where stage outputs go; default WORKDIR/NAME/TIMESTAMP.")] = None,
+    pipeline_root: Annotated[Path | None, typer.Option(help="Where kfp.local keeps task outputs; default WORKDIR/kfp.")] = None,
     verbose: bool = False,
 ) -> None:
-    """Run the whole pipeline locally; the last stdout line is a JSON summary."""
+    """Run the whole KFP pipeline on this machine (kfp.local); the last stdout line is a JSON summary."""
     _setup_logging(verbose)
-    from tuneforge.local_run import run_pipeline
+    from tuneforge.pipelines.pipeline import run_locally
 
     cfg = _load(config, set_)
+    cfg.workdir = str(Path(cfg.workdir).resolve())
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            summary = run_pipeline(cfg, run_dir)
+            summary = run_locally(cfg, pipeline_root or Path(cfg.workdir) / "kfp")
     except _user_errors() as exc:
         _fail(str(exc))
     typer.echo(json.dumps(summary))
     if summary["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+@app.command("compile")
+def compile_(
+    config: Path,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pipeline IR YAML.")] = Path("pipeline.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Compile the pipeline for a config to KFP IR YAML (upload it to any KFP v2 server)."""
+    from tuneforge.pipelines.pipeline import compile_pipeline
+
+    cfg = _load(config, set_)
+    typer.echo(str(compile_pipeline(cfg, output)))
 
 
 services_app = typer.Typer(no_args_is_help=True, help="A local SeaweedFS (S3) and MLflow server on 127.0.0.1.")

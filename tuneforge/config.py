@@ -210,6 +210,39 @@ class RegistrySettings(Strict):
     )
 
 
+class StageResources(Strict):
+    cpu: str = Field("2", description="CPU request and limit, Kubernetes units.")
+    memory: str = Field("8Gi", description="Memory request and limit, Kubernetes units.")
+    gpus: int = Field(0, ge=0, description="GPUs for the stage.")
+    gpu_type: str = Field("nvidia.com/gpu", description="Accelerator resource name.")
+    timeout_seconds: int = Field(6 * 3600, gt=0)
+    retries: int = Field(2, ge=0, description="Retries of a failed stage, with exponential backoff.")
+
+
+class ClusterSettings(Strict):
+    """How the stages run on Kubernetes (ignored by local runs)."""
+
+    resources: dict[Literal["default", "data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register"], StageResources] = Field(
+        default_factory=lambda: {"default": StageResources()},
+        description="Per-stage resources; stages not listed use `default`.",
+    )
+    s3_secret: str | None = Field(
+        "tuneforge-s3", description="Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL."
+    )
+    mlflow_secret: str | None = Field(
+        "tuneforge-mlflow", description="Kubernetes Secret with MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_TOKEN if any)."
+    )
+    model_cache_pvc: str | None = Field(None, description="PVC mounted at /cache for base models (TUNEFORGE_CACHE).")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU stages.")
+    gpu_tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    shm_size: str = Field("8Gi", description="Size of the /dev/shm emptyDir (PyTorch data loaders need it).")
+
+    def for_stage(self, stage: str) -> StageResources:
+        return self.resources.get(stage, self.resources.get("default", StageResources()))
+
+
 class TrackingSettings(Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
@@ -229,6 +262,7 @@ class Config(Strict):
     export: ExportSettings = Field(default_factory=ExportSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @model_validator(mode="after")

@@ -1,0 +1,44 @@
+"""What each KFP component runs: one stage, as `tuneforge stage` would, inside the pipeline's MLflow run."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+# The folder each stage's output is published under, the same names `tuneforge run` uses.
+FOLDERS = {"data-prep": "data", "sft": "sft", "dpo": "dpo", "merge": "merged", "evaluate": "evaluation",
+           "export-gguf": "gguf", "register": "registration"}
+
+
+def run_stage(stage: str, config_yaml: str, parent_run: str, inputs: dict[str, str], output: str) -> dict[str, Any]:
+    """Run one stage as `tuneforge stage` would, under the pipeline's MLflow run, and publish its output to S3."""
+    import importlib
+
+    import yaml
+
+    from tuneforge import storage, tracking
+    from tuneforge.cli import STAGES
+    from tuneforge.components import register
+    from tuneforge.config import Config
+
+    config = Config.model_validate(yaml.safe_load(config_yaml))
+    os.environ[tracking.PARENT_RUN_ENV] = parent_run
+    os.environ[register.RUN_ID_ENV] = parent_run
+    module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
+    result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
+    uri = register.published_uri(config, FOLDERS[stage])
+    if uri:
+        result["uri"] = storage.publish(Path(output), uri, config.storage.endpoint_url)
+    return result
+
+
+
+def record_metrics(artifact, values: dict[str, Any]) -> None:
+    """Log numeric values on a KFP Metrics artifact and also write them to its file: the UI reads the logged
+    values, and an artifact with no file on disk is treated as missing by kfp.local's cache."""
+    import json
+
+    numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, value in numbers.items():
+        artifact.log_metric(key, value)
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps(numbers))
