@@ -137,25 +137,26 @@ def test_promotion_rechecks_a_champion_promoted_meanwhile(s3_env, monkeypatch):
 
 
 def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
-    command = [sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "tiny.yaml"), "--run-dir", str(tmp_path / "run"),
+    command = [sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "tiny.yaml"), "--pipeline-root", str(tmp_path / "kfp"),
                "--set", "storage.uri=s3://tuneforge/runs", "--set", f"workdir={tmp_path}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     run_id = summary["mlflow"]["run_id"]
     assert summary["mlflow"]["tracking_uri"] == s3_env["MLFLOW_TRACKING_URI"]
-    assert summary["stages"]["merge"]["uri"] == f"s3://tuneforge/runs/tiny-extract/{run_id}/merged"
-    keys = {o["Key"] for o in _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix=f"runs/tiny-extract/{run_id}/")["Contents"]}
+    prefix = f"runs/tiny-extract/{run_id}/"
+    keys = {o["Key"] for o in _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix=prefix)["Contents"]}
     for folder in ("data", "sft", "dpo", "merged", "evaluation", "gguf", "registration"):
-        assert f"runs/tiny-extract/{run_id}/{folder}/manifest.json" in keys
-    assert f"runs/tiny-extract/{run_id}/gguf/tiny-extract-q8_0.gguf" in keys
+        assert f"{prefix}{folder}/manifest.json" in keys
+    assert f"{prefix}gguf/tiny-extract-q8_0.gguf" in keys
 
     registered = summary["registered_model"]
     client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run_id).info.status == "FINISHED"
     version = client.get_model_version("tiny-extract", registered["version"])
-    assert version.source == f"s3://tuneforge/runs/tiny-extract/{run_id}/merged"
+    assert version.source == f"s3://tuneforge/{prefix}merged"
     assert "challenger" in registered["aliases"] and registered["decision"]["promoted"] == ("champion" in registered["aliases"])
-    assert json.loads(version.tags["gguf_files"])["q8_0"] == f"s3://tuneforge/runs/tiny-extract/{run_id}/gguf/tiny-extract-q8_0.gguf"
+    assert json.loads(version.tags["gguf_files"])["q8_0"] == f"s3://tuneforge/{prefix}gguf/tiny-extract-q8_0.gguf"
     assert version.tags["data_sha256"] and version.tags["metric.eval_loss"]
     # MLflow's artifacts went through the server into the bucket too.
     artifacts = _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix="mlflow-artifacts/")

@@ -13,7 +13,7 @@ from conftest import EXAMPLES
 def smollm2_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smollm2")
     overrides = ["sft.max_steps=30", "dpo.enabled=false", "evaluate.max_examples=20", f"workdir={tmp}", "export.types=[q8_0,q4_k_m]"]
-    command = [sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "quickstart.yaml"), "--run-dir", str(tmp / "run")]
+    command = [sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "quickstart.yaml"), "--pipeline-root", str(tmp / "kfp")]
     for item in overrides:
         command += ["--set", item]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
@@ -33,7 +33,7 @@ def test_smollm2_lora_learns_the_extraction_task(smollm2_run):
 def test_exported_gguf_answers_with_its_own_chat_template(smollm2_run, gguf_type):
     from llama_cpp import Llama
 
-    path = next(p for p in smollm2_run["artifacts"]["gguf"] if p.endswith(f"-{gguf_type}.gguf"))
+    path = f"{smollm2_run['artifacts']['export-gguf']}/smollm2-extract-{gguf_type}.gguf"
     llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
     tasks = [json.loads(line) for line in (EXAMPLES / "data" / "extract_eval.jsonl").read_text().splitlines()][:5]
     answers = []
