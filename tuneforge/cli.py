@@ -149,6 +149,83 @@ def compile_(
     typer.echo(str(compile_pipeline(cfg, output)))
 
 
+HostOption = Annotated[str | None, typer.Option(help="KFP API endpoint; omit inside the cluster (service account).")]
+TokenOption = Annotated[str | None, typer.Option(help="Bearer token for the KFP API; default $KFP_TOKEN.")]
+ExperimentOption = Annotated[str, typer.Option(help="KFP experiment.")]
+
+
+@app.command()
+def submit(config: Path, host: HostOption = None, token: TokenOption = None, experiment: ExperimentOption = "tuneforge",
+           set_: SetOption = None) -> None:
+    """Compile and submit one run to a Kubeflow Pipelines server."""
+    import tempfile
+
+    from tuneforge.pipelines.pipeline import submit as submit_run
+
+    cfg = _load(config, set_)
+    # kfp.Client prints links to stdout; stdout is for the JSON result.
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
+        result = submit_run(cfg, host, token, experiment, Path(folder) / "pipeline.yaml")
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def schedule(
+    config: Path,
+    cron: Annotated[str, typer.Option(help="When to retrain: 5-field cron (UTC), or KFP's 6 fields with seconds first.")],
+    host: HostOption = None,
+    token: TokenOption = None,
+    experiment: ExperimentOption = "tuneforge",
+    max_concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    set_: SetOption = None,
+) -> None:
+    """Create a KFP recurring run that retrains on a schedule (unchanged data and config come from cache)."""
+    import tempfile
+
+    from tuneforge.pipelines.pipeline import schedule as schedule_run
+
+    cfg = _load(config, set_)
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
+        try:
+            result = schedule_run(cfg, host, token, experiment, cron, max_concurrency, Path(folder) / "pipeline.yaml")
+        except ValueError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps(result))
+
+
+schedules_app = typer.Typer(no_args_is_help=True, help="List, pause and resume KFP recurring runs.")
+app.add_typer(schedules_app, name="schedules")
+
+
+@schedules_app.command("list")
+def schedules_list(host: HostOption = None, token: TokenOption = None, experiment: ExperimentOption = "tuneforge") -> None:
+    from tuneforge.pipelines.pipeline import _experiment_id, kfp_client
+
+    client = kfp_client(host, token)
+    with contextlib.redirect_stdout(sys.stderr):
+        found = client.list_recurring_runs(experiment_id=_experiment_id(client, experiment), page_size=100)
+    rows = [{"id": r.recurring_run_id, "name": r.display_name, "status": r.status,
+             "cron": r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else None}
+            for r in (found.recurring_runs or [])]
+    typer.echo(json.dumps(rows, indent=2))
+
+
+@schedules_app.command("pause")
+def schedules_pause(recurring_run_id: str, host: HostOption = None, token: TokenOption = None) -> None:
+    from tuneforge.pipelines.pipeline import kfp_client
+
+    kfp_client(host, token).disable_recurring_run(recurring_run_id)
+    typer.echo(json.dumps({"id": recurring_run_id, "status": "paused"}))
+
+
+@schedules_app.command("resume")
+def schedules_resume(recurring_run_id: str, host: HostOption = None, token: TokenOption = None) -> None:
+    from tuneforge.pipelines.pipeline import kfp_client
+
+    kfp_client(host, token).enable_recurring_run(recurring_run_id)
+    typer.echo(json.dumps({"id": recurring_run_id, "status": "resumed"}))
+
+
 services_app = typer.Typer(no_args_is_help=True, help="A local SeaweedFS (S3) and MLflow server on 127.0.0.1.")
 app.add_typer(services_app, name="services")
 FolderOption = Annotated[Path, typer.Option(help="Where the services keep data, logs and their env file.")]

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kfp import dsl, kubernetes
 
 from tuneforge import tracking
@@ -68,40 +67,40 @@ def _configure(task: dsl.PipelineTask, stage: str, config: Config, fingerprint: 
 
 def build(config: Config):
     """The pipeline function for this config (the DAG's shape follows dpo.enabled, export.enabled, registry.enabled)."""
-    # Only what differs from the defaults: shorter task logs, same config once validated.
-    config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+    # One line (KFP writes parameter defaults into a YAML comment), and only what differs from the defaults.
+    config_json = json.dumps(config.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
     fingerprint = data_fingerprint(config)
 
     @dsl.pipeline(name=f"tuneforge-{config.name}", description=f"Fine-tune {config.base_model.source}")
-    def pipeline(config_yaml: str = config_yaml, data_fingerprint: str = fingerprint):
+    def pipeline(config_json: str = config_json, data_fingerprint: str = fingerprint):
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        finish = c.finish_run(config_yaml=config_yaml, job_id=job_id)
+        finish = c.finish_run(config_json=config_json, job_id=job_id)
         finish.set_display_name("close MLflow run").set_caching_options(False)
         with dsl.ExitHandler(finish, name="stages"):
-            start = c.start_run(config_yaml=config_yaml, job_id=job_id).set_display_name("open MLflow run")
+            start = c.start_run(config_json=config_json, job_id=job_id).set_display_name("open MLflow run")
             start.set_caching_options(False)
             parent = start.output
-            prep = _configure(c.data_prep(config_yaml=config_yaml, data_fingerprint=data_fingerprint, parent_run=parent), "data-prep", config, fingerprint)
-            tuned = _configure(c.sft(config_yaml=config_yaml, parent_run=parent, data=prep.outputs["data"]), "sft", config, fingerprint)
+            prep = _configure(c.data_prep(config_json=config_json, data_fingerprint=data_fingerprint, parent_run=parent), "data-prep", config, fingerprint)
+            tuned = _configure(c.sft(config_json=config_json, parent_run=parent, data=prep.outputs["data"]), "sft", config, fingerprint)
             adapter, base = tuned.outputs["model"], None
             if config.dpo.enabled:
-                preferred = _configure(c.dpo(config_yaml=config_yaml, parent_run=parent, data=prep.outputs["data"],
+                preferred = _configure(c.dpo(config_json=config_json, parent_run=parent, data=prep.outputs["data"],
                                              sft_model=tuned.outputs["model"]), "dpo", config, fingerprint)
                 adapter = preferred.outputs["model"]
                 base = tuned.outputs["model"] if config.sft.method == "full" else None
             merge_args = {"base": base} if base is not None else {}
-            merged = _configure(c.merge(config_yaml=config_yaml, parent_run=parent, adapter=adapter, **merge_args), "merge", config, fingerprint)
+            merged = _configure(c.merge(config_json=config_json, parent_run=parent, adapter=adapter, **merge_args), "merge", config, fingerprint)
             curves = {"sft_model": tuned.outputs["model"], **({"dpo_model": preferred.outputs["model"]} if config.dpo.enabled else {})}
-            evaluated = _configure(c.evaluate(config_yaml=config_yaml, parent_run=parent, data=prep.outputs["data"],
+            evaluated = _configure(c.evaluate(config_json=config_json, parent_run=parent, data=prep.outputs["data"],
                                               model=merged.outputs["model"], **curves), "evaluate", config, fingerprint)
             with dsl.If(evaluated.outputs["Output"] == True, name="beats-base"):  # noqa: E712 (a KFP condition)
                 extra = {}
                 if config.export.enabled:
-                    exported = _configure(c.export_gguf(config_yaml=config_yaml, parent_run=parent,
+                    exported = _configure(c.export_gguf(config_json=config_json, parent_run=parent,
                                                         model=merged.outputs["model"]), "export-gguf", config, fingerprint)
                     extra["gguf"] = exported.outputs["gguf"]
                 if config.registry.enabled:
-                    registered = c.register(config_yaml=config_yaml, parent_run=parent, evaluation=evaluated.outputs["evaluation"],
+                    registered = c.register(config_json=config_json, parent_run=parent, evaluation=evaluated.outputs["evaluation"],
                                             model=merged.outputs["model"], **extra)
                     # Registration decides against the live champion: never reuse a cached decision.
                     _configure(registered, "register", config, fingerprint).set_caching_options(False)
@@ -183,3 +182,56 @@ TASK_OUTPUTS = {
     "data-prep": ("data-prep", "data"), "sft": ("sft", "model"), "dpo": ("dpo", "model"), "merge": ("merge", "model"),
     "evaluate": ("evaluate", "evaluation"), "export-gguf": ("export-gguf", "gguf"), "register": ("register", "registration"),
 }
+
+
+# ---------------------------------------------------------------- a KFP server
+
+
+def kfp_client(host: str | None, token: str | None):
+    """A kfp.Client: with --host and a bearer token (or $KFP_TOKEN), or, inside a cluster with no host, the
+    pod's service account, as kfp.Client finds it. Constructing it contacts nothing."""
+    import os
+
+    import kfp
+
+    return kfp.Client(host=host, existing_token=token or os.environ.get("KFP_TOKEN"))
+
+
+def kfp_cron(expression: str) -> str:
+    """KFP's cron has six fields, seconds first; accept the usual five and add the seconds."""
+    fields = expression.split()
+    if len(fields) == 5:
+        return "0 " + expression.strip()
+    if len(fields) == 6:
+        return expression.strip()
+    raise ValueError(f"cron expression {expression!r}: expected 5 fields (minute hour day month weekday) or KFP's 6")
+
+
+def _experiment_id(client, name: str) -> str:
+    return client.create_experiment(name).experiment_id  # returns the existing one when the name is taken
+
+
+def submit(config: Config, host: str | None, token: str | None, experiment: str, package: Path) -> dict[str, str]:
+    compile_pipeline(config, package)
+    client = kfp_client(host, token)
+    result = client.create_run_from_pipeline_package(
+        str(package), arguments={}, run_name=f"{config.name}-{config.hash()[:8]}", experiment_name=experiment
+    )
+    return {"run_id": result.run_id, "experiment": experiment, "host": host or "in-cluster"}
+
+
+def schedule(config: Config, host: str | None, token: str | None, experiment: str, cron: str, max_concurrency: int,
+             package: Path) -> dict[str, str]:
+    compile_pipeline(config, package)
+    client = kfp_client(host, token)
+    recurring = client.create_recurring_run(
+        experiment_id=_experiment_id(client, experiment),
+        job_name=f"{config.name}-retrain",
+        description=f"Scheduled retraining of {config.name}",
+        cron_expression=kfp_cron(cron),
+        max_concurrency=max_concurrency,
+        no_catchup=True,
+        enabled=True,
+        pipeline_package_path=str(package),
+    )
+    return {"recurring_run_id": recurring.recurring_run_id, "cron": kfp_cron(cron), "experiment": experiment}

@@ -9,18 +9,18 @@ FOLDERS = {"data-prep": "data", "sft": "sft", "dpo": "dpo", "merge": "merged", "
            "export-gguf": "gguf", "register": "registration"}
 
 
-def run_stage(stage: str, config_yaml: str, parent_run: str, inputs: dict[str, str], output: str) -> dict[str, Any]:
+def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, str], output: str) -> dict[str, Any]:
     """Run one stage as `tuneforge stage` would, under the pipeline's MLflow run, and publish its output to S3."""
     import importlib
 
-    import yaml
+    import json
 
     from tuneforge import storage, tracking
     from tuneforge.cli import STAGES
     from tuneforge.components import register
     from tuneforge.config import Config
 
-    config = Config.model_validate(yaml.safe_load(config_yaml))
+    config = Config.model_validate(json.loads(config_json))
     os.environ[tracking.PARENT_RUN_ENV] = parent_run
     os.environ[register.RUN_ID_ENV] = parent_run
     module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
