@@ -161,3 +161,26 @@ def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
     # MLflow's artifacts went through the server into the bucket too.
     artifacts = _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix="mlflow-artifacts/")
     assert artifacts.get("KeyCount", 0) > 0
+
+
+def test_datasets_and_base_models_from_s3(s3_env, tmp_path, monkeypatch):
+    from conftest import alpaca_rows, cli, make_config, write_jsonl
+    from tuneforge.config import BaseModelSettings
+    from tuneforge.models import resolve
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    client = _client(s3_env)
+    client.upload_file(str(write_jsonl(tmp_path / "train.jsonl", alpaca_rows(12))), "tuneforge", "datasets/train.jsonl")
+    local_model = resolve(BaseModelSettings(source="tiny-llama"))
+    for file in sorted(p for p in __import__("pathlib").Path(local_model).iterdir() if p.is_file()):
+        client.upload_file(str(file), "tuneforge", f"models/tiny/{file.name}")
+    config = make_config(tmp_path, [{"path": "s3://tuneforge/datasets/train.jsonl"}], base_model={"source": "s3://tuneforge/models/tiny"})
+    result = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data")
+    assert result.exit_code == 0, result.stderr or result.exception
+    assert json.loads((tmp_path / "data" / "data_report.json").read_text())["rows_by_format"] == {"alpaca": 12}
+    result = cli("stage", "sft", "--config", config, "--input", f"data={tmp_path / 'data'}", "--output", tmp_path / "sft")
+    assert result.exit_code == 0, result.stderr or result.exception
+
+    missing = make_config(tmp_path, [{"path": "s3://tuneforge/datasets/nope.jsonl"}])
+    result = cli("stage", "data-prep", "--config", missing, "--output", tmp_path / "data2")
+    assert result.exit_code == 2 and "s3://tuneforge/datasets/nope.jsonl: not found in S3" in result.stderr

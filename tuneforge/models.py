@@ -57,6 +57,15 @@ def resolve(settings: BaseModelSettings) -> str:
         from tuneforge.tiny import build_tiny
 
         return str(build_tiny(cache_dir() / "models" / f"{source}-h{TINY_HIDDEN}", TINY[source], hidden_size=TINY_HIDDEN))
+    if source.startswith("s3://"):
+        from tuneforge import storage
+
+        # Downloaded once per URI; a model directory under a prefix, or a single .gguf object.
+        local = cache_dir() / "models" / ("s3-" + hashlib.sha256(source.encode()).hexdigest()[:16])
+        local = local / Path(source).name if source.endswith(".gguf") else local
+        if not local.exists():
+            storage.download(source, local)
+        source = str(local)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -194,3 +194,33 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
+
+
+def download(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
+    """Download one object, or every object under a prefix (a model directory), to `target`; it appears only
+    when complete. Transfer integrity is checked by the S3 client (content length, and MD5 for single-part objects)."""
+    bucket, key = split_s3(uri)
+    client = s3_client(endpoint_url)
+    target = Path(target).resolve()
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.unlink(missing_ok=True)
+    with _s3_errors(uri):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/")
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        try:
+            if keys:
+                for name in keys:
+                    dest = staging / name[len(key.rstrip("/")) + 1 :]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    client.download_file(bucket, name, str(dest), Config=_transfer_config())
+            else:
+                staging.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(staging), Config=_transfer_config())
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
+            raise
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target

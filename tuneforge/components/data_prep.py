@@ -61,8 +61,14 @@ class Row:
 
 def read_records(path: str) -> list[tuple[str, Any]]:
     """Return (location, record) pairs; location is `file:line` (or `file:row N` where lines do not apply)."""
+    if path.startswith("s3://"):
+        try:
+            local = storage.download(path, models.cache_dir() / "data" / hashlib.sha256(path.encode()).hexdigest()[:16] / Path(path).name)
+        except storage.StorageError as exc:
+            raise DataError(str(exc)) from None
+        return [(where.replace(str(local), path), record) for where, record in read_records(str(local))]
     if "://" in path:
-        raise DataError(f"{path}: remote data sources (s3://, hf://) are not supported yet; use a local file")
+        raise DataError(f"{path}: only local files and s3:// URIs are supported as data sources")
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: data file not found")
