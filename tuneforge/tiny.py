@@ -1,7 +1,7 @@
 """Tiny randomly initialised chat models built locally (no download): for fast tests and dry runs.
 
 One per architecture the GGUF export supports: llama, qwen2 and qwen3 with a byte-level BPE tokenizer
-trained on the spot, gemma3 with a SentencePiece tokenizer (tokenizer.model) trained on the spot.
+trained on the spot, gemma3 with a small SentencePiece tokenizer (tokenizer.model) shipped in assets/.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from tuneforge.chat_templates import CHATML, GEMMA
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GEMMA_TOKENIZER = Path(__file__).parent / "assets" / "tiny-gemma3-tokenizer"
 
 # Enough English for the tokenizers to learn common merges; any text still encodes through bytes.
 _CORPUS = """
@@ -50,35 +51,15 @@ def _bpe_tokenizer():
     return tokenizer, []
 
 
-def _sentencepiece_tokenizer(workdir: Path):
-    """A Gemma-style SentencePiece model; transformers builds its fast tokenizer from tokenizer.model."""
-    import sentencepiece
+def _sentencepiece_tokenizer():
+    """The Gemma-style SentencePiece tokenizer shipped in assets/ (made by assets/make_tiny_gemma3_tokenizer.py).
+    It ships ready-made because transformers converts a bare tokenizer.model with protobuf >= 7, while kfp
+    needs protobuf 6."""
     from transformers import AutoTokenizer
 
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_lines()),
-        model_prefix=str(workdir / "spm"),
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        minloglevel=2,
-    )
-    source = workdir / "tokenizer"
-    source.mkdir()
-    shutil.copy(workdir / "spm.model", source / "tokenizer.model")
-    (source / "tokenizer_config.json").write_text(
-        '{"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<end_of_turn>", '
-        '"pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": true}'
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(GEMMA_TOKENIZER)
     tokenizer.chat_template = GEMMA
-    return tokenizer, [source / "tokenizer.model"]
+    return tokenizer, [GEMMA_TOKENIZER / "tokenizer.model"]
 
 
 def _config(arch: str, tokenizer, hidden_size: int, layers: int):
@@ -124,7 +105,7 @@ def build_tiny(target: Path, arch: str = "llama", hidden_size: int = 64, layers:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         work = Path(work)
-        tokenizer, extra_files = _sentencepiece_tokenizer(work) if arch == "gemma3" else _bpe_tokenizer()
+        tokenizer, extra_files = _sentencepiece_tokenizer() if arch == "gemma3" else _bpe_tokenizer()
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(_config(arch, tokenizer, hidden_size, layers))
         model.generation_config.eos_token_id = tokenizer.eos_token_id
