@@ -353,16 +353,29 @@ def write_gguf(model_dir: Path, path: Path, out_type: str, *, name: str, chat_te
     return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tensors": len(plan)}
 
 
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_quantizer(types: list[str]) -> None:
+    """K-quant types need llama.cpp's quantizer; say which extra brings it before any work starts."""
+    if types and not llama_cpp_available():
+        raise ExportError(
+            f"export types {', '.join(types)} need llama.cpp's quantizer: install the gguf extra "
+            "(pip install 'tuneforge[gguf]', which builds llama-cpp-python), or export f16, bf16 or q8_0"
+        )
+
+
 def quantize_with_llama_cpp(source: Path, target: Path, out_type: str, threads: int = 0) -> None:
     import ctypes
 
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ExportError(
-            f"export type {out_type} needs llama.cpp's quantizer: install the gguf extra "
-            "(pip install 'tuneforge[gguf]', which builds llama-cpp-python), or export f16, bf16 or q8_0"
-        ) from None
+    require_quantizer([out_type])
+    import llama_cpp
+
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_CPP_TYPES[out_type]

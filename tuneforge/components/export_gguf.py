@@ -48,12 +48,7 @@ OLLAMA_TEMPLATES = {
 
 
 def choose_verifier(requested: str) -> str:
-    try:
-        import llama_cpp  # noqa: F401
-
-        available = True
-    except ImportError:
-        available = False
+    available = gguf.llama_cpp_available()
     if requested == "llama_cpp" and not available:
         raise gguf.ExportError("export.verifier llama_cpp needs llama-cpp-python: install the gguf extra")
     if requested == "auto":
@@ -125,12 +120,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     stop_tokens = lineage["special_tokens"]["stop"]
     gguf.architecture(json.loads((model_dir / "config.json").read_text()))
     verifier = choose_verifier(settings.verifier)
-    needs_quantizer = [t for t in settings.types if t in gguf.LLAMA_CPP_TYPES]
-    if needs_quantizer and verifier != "llama_cpp" and choose_verifier("auto") != "llama_cpp":
-        raise gguf.ExportError(
-            f"export types {', '.join(needs_quantizer)} need llama.cpp's quantizer: install the gguf extra "
-            "(pip install 'tuneforge[gguf]', which builds llama-cpp-python), or export f16, bf16 or q8_0"
-        )
+    gguf.require_quantizer([t for t in settings.types if t in gguf.LLAMA_CPP_TYPES])
 
     tokenizer = models.load_tokenizer(str(model_dir), config.base_model)
     if chat_templates.template_hash(tokenizer.chat_template or "") != lineage["chat_template_sha256"]:
