@@ -149,7 +149,7 @@ def compile_(
     typer.echo(str(compile_pipeline(cfg, output)))
 
 
-HostOption = Annotated[str | None, typer.Option(help="KFP API endpoint; omit inside the cluster (service account).")]
+HostOption = Annotated[str | None, typer.Option(envvar="KFP_HOST", help="KFP API endpoint; omit inside the cluster (service account).")]
 TokenOption = Annotated[str | None, typer.Option(help="Bearer token for the KFP API; default $KFP_TOKEN.")]
 ExperimentOption = Annotated[str, typer.Option(help="KFP experiment.")]
 

@@ -12,8 +12,11 @@ import os
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
+from tuneforge import __version__
+
+# Defaults shared with images/build.sh and the Helm chart's `images` values.
 REGISTRY = os.environ.get("TUNEFORGE_REGISTRY", "ghcr.io/tuneforge")
-TAG = os.environ.get("TUNEFORGE_IMAGE_TAG", "0.1.0")
+TAG = os.environ.get("TUNEFORGE_IMAGE_TAG", __version__)
 CPU_IMAGE = f"{REGISTRY}/tuneforge-cpu:{TAG}"
 CUDA_IMAGE = f"{REGISTRY}/tuneforge-cuda:{TAG}"
 EXPORT_IMAGE = f"{REGISTRY}/tuneforge-export:{TAG}"
