@@ -51,8 +51,10 @@ run() {
 }
 
 for name in "${names[@]}"; do
-  dockerfile=images/Dockerfile
-  [ "$name" = cuda ] && dockerfile=images/Dockerfile.cuda
+  case "$name" in
+    cuda|mlflow) dockerfile=images/Dockerfile.$name ;;
+    *) dockerfile=images/Dockerfile ;;
+  esac
   image="$REGISTRY/tuneforge-$name:$TAG"
   args=(--file "$dockerfile" --target "$name" --tag "$image"
         --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION")

@@ -73,7 +73,7 @@ def pods(objects: list[dict]) -> list[tuple[str, dict]]:
 
 
 def test_hadolint_passes_every_dockerfile():
-    assert {p.name for p in DOCKERFILES} == {"Dockerfile", "Dockerfile.cuda"}
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile", "Dockerfile.cuda", "Dockerfile.mlflow"}
     result = subprocess.run([str(BIN / "hadolint"), *map(str, DOCKERFILES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -107,7 +107,7 @@ def stages(path: Path) -> dict[str, list[dict]]:
     return found
 
 
-@pytest.mark.parametrize("path,final", [("Dockerfile", ["cpu", "export", "mlflow"]), ("Dockerfile.cuda", ["cuda"])])
+@pytest.mark.parametrize("path,final", [("Dockerfile", ["cpu", "export"]), ("Dockerfile.cuda", ["cuda"]), ("Dockerfile.mlflow", ["mlflow"])])
 def test_dockerfiles_final_stages(path, final):
     dockerfile = ROOT / "images" / path
     parser = parse(dockerfile)
