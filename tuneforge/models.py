@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import logging
 import os
@@ -76,6 +77,10 @@ def resolve(settings: BaseModelSettings) -> str:
             raise ModelLoadError(
                 f"base_model.source: {path} is not a Hugging Face model directory (no config.json)"
             )
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path / 'config.json'}: not valid JSON: {exc}") from None
         check_weights(path, settings.allow_pickle)
         return str(path.resolve())
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -96,8 +101,27 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         )
     if not safetensors and not pickles:
         raise ModelLoadError(f"{path}: no weights found (*.safetensors)")
+    for file in safetensors:
+        check_safetensors(file)
     if pickles and allow_pickle and not safetensors:
         log.warning("loading pickle weights from %s because base_model.allow_pickle is true", path)
+
+
+def check_safetensors(file: Path) -> None:
+    """Read the header only: a truncated or foreign file is refused before anything loads or trains."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= min(size - 8, 100 * 2**20):
+            raise ModelLoadError(f"{file}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{file}: not a safetensors file (unreadable header)") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ModelLoadError(f"{file}: truncated: {size} bytes, the header describes {8 + header_len + end}")
 
 
 def _smollm2_gguf() -> Path:
@@ -124,8 +148,11 @@ def _from_gguf(gguf: Path, name: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s into %s (once)", gguf, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises struct, value and key errors on damaged files
+        raise ModelLoadError(f"{gguf}: not a readable GGUF model: {exc}") from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

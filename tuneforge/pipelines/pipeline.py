@@ -222,16 +222,17 @@ def submit(config: Config, host: str | None, token: str | None, experiment: str,
 
 def schedule(config: Config, host: str | None, token: str | None, experiment: str, cron: str, max_concurrency: int,
              package: Path) -> dict[str, str]:
+    cron_expression = kfp_cron(cron)  # a bad expression fails here, before compiling or contacting KFP
     compile_pipeline(config, package)
     client = kfp_client(host, token)
     recurring = client.create_recurring_run(
         experiment_id=_experiment_id(client, experiment),
         job_name=f"{config.name}-retrain",
         description=f"Scheduled retraining of {config.name}",
-        cron_expression=kfp_cron(cron),
+        cron_expression=cron_expression,
         max_concurrency=max_concurrency,
         no_catchup=True,
         enabled=True,
         pipeline_package_path=str(package),
     )
-    return {"recurring_run_id": recurring.recurring_run_id, "cron": kfp_cron(cron), "experiment": experiment}
+    return {"recurring_run_id": recurring.recurring_run_id, "cron": cron_expression, "experiment": experiment}
