@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -116,7 +119,7 @@ def s3_client(endpoint_url: str | None = None):
     import boto3
     from botocore.config import Config as BotoConfig
 
-    config = BotoConfig(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=120)
+    config = BotoConfig(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=120)
     # A session of its own: boto3's default session caches the credentials it first found.
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
@@ -146,10 +149,39 @@ def _s3_errors(uri: str) -> Iterator[None]:
         raise StorageError(f"S3 unreachable for {uri}: {exc}") from None
 
 
+def inside(root: Path, name: str) -> Path:
+    """`root / name`, refusing names (S3 keys, manifest entries) that would land outside `root`."""
+    target = (root / name).resolve()
+    if name.startswith("/") or not target.is_relative_to(root.resolve()):
+        raise StorageError(f"refusing {name!r}: it would be written outside {root}")
+    return target
+
+
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4)
+
+
+# Beyond botocore's own retries of each request: a whole file transfer is retried when the server went away
+# mid-transfer (a restarted server may have lost a multipart upload botocore cannot resume).
+TRANSFER_RETRY_DELAYS = (2, 4, 8, 16)
+
+
+def _retried(transfer: Callable[[], Any], what: str) -> Any:
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    for attempt, delay in enumerate((*TRANSFER_RETRY_DELAYS, None), start=1):
+        try:
+            return transfer()
+        except (BotoCoreError, S3UploadFailedError, ClientError) as exc:
+            code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+            permanent = code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404")
+            if permanent or delay is None:
+                raise
+            log.warning("S3 transfer of %s failed (attempt %d): %s; retrying in %ss", what, attempt, exc, delay)
+            time.sleep(delay)
 
 
 def publish(folder: Path, uri: str, endpoint_url: str | None = None) -> str:
@@ -159,9 +191,9 @@ def publish(folder: Path, uri: str, endpoint_url: str | None = None) -> str:
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
     with _s3_errors(uri):
-        for name in manifest["files"]:
-            client.upload_file(str(folder / name), bucket, f"{prefix}/{name}", Config=_transfer_config())
-        client.upload_file(str(folder / MANIFEST), bucket, f"{prefix}/{MANIFEST}")
+        for name in [*manifest["files"], MANIFEST]:
+            _retried(lambda: client.upload_file(str(folder / name), bucket, f"{prefix}/{name}", Config=_transfer_config()),
+                     f"{uri}/{name}")
     return f"s3://{bucket}/{prefix}"
 
 
@@ -176,15 +208,17 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
     try:
         with _s3_errors(f"{uri}/{MANIFEST}"):
             try:
-                body = client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
+                body = _retried(lambda: client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read(),
+                                f"{uri}/{MANIFEST}")
             except client.exceptions.NoSuchKey:
                 raise IncompleteOutputError(f"{uri}: no {MANIFEST}, so not a complete stage output") from None
         manifest = json.loads(body)
         with _s3_errors(uri):
             for name, entry in manifest["files"].items():
-                target = staging / name
+                target = inside(staging, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, f"{prefix}/{name}", str(target), Config=_transfer_config())
+                _retried(lambda: client.download_file(bucket, f"{prefix}/{name}", str(target), Config=_transfer_config()),
+                         f"{uri}/{name}")
                 if sha256_file(target) != entry["sha256"]:
                     raise StorageError(f"{uri}/{name}: checksum mismatch with its manifest (corrupted or overwritten)")
         (staging / MANIFEST).write_bytes(body)
@@ -211,7 +245,7 @@ def download(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
         try:
             if keys:
                 for name in keys:
-                    dest = staging / name[len(key.rstrip("/")) + 1 :]
+                    dest = inside(staging, name[len(key.rstrip("/")) + 1 :])
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     client.download_file(bucket, name, str(dest), Config=_transfer_config())
             else:

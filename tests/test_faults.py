@@ -1,0 +1,157 @@
+"""Storage faults against a real SeaweedFS that the tests kill and start again on the same ports mid-transfer,
+path traversal in S3 keys and manifests, and secrets that must not leak."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tuneforge import services, storage
+
+BUCKET = "faults"
+
+
+class Weed:
+    """One SeaweedFS server with fixed ports and credentials, so a restart is the same server again."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.key, self.secret = "tf" + secrets.token_hex(6), secrets.token_urlsafe(18)
+        (folder / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "t", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.ports = {name: services._free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
+        self.url = f"http://127.0.0.1:{self.ports['s3']}"
+        self.process = None
+
+    def start(self):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        p = self.ports
+        self.process = subprocess.Popen(
+            [weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={p['s3']}",
+             f"-s3.config={self.folder / 's3.json'}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+             f"-filer.port={p['filer']}", f"-admin.port={p['admin']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             "-master.telemetry=false", "-s3.autoCreateBucket=false", "-webdav=false", "-admin.ui=false"],
+            stdout=open(self.folder / "weed.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "GOMEMLIMIT": "256MiB"})
+        (self.folder / "data").mkdir(exist_ok=True)
+        services._wait(self.url, 60, self.process, self.folder / "weed.log")
+
+    def kill(self):
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def client(self):
+        # Explicit credentials: boto3's default session keeps the first ones it found.
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.key, aws_secret_access_key=self.secret,
+                            region_name="us-east-1")
+
+    def env(self):
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_ENDPOINT_URL": self.url,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def weed(tmp_path, monkeypatch):
+    (tmp_path / "weed").mkdir()
+    server = Weed(tmp_path / "weed")
+    server.start()
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    if server.process.poll() is None:
+        server.kill()
+
+
+def big_output(tmp_path: Path, megabytes: int = 96) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"shard-{i}.bin").write_bytes(os.urandom(megabytes * 2**20 // 2))
+    storage.write_manifest(folder, "merge", {"base_model": "x"}, {})
+    return folder
+
+
+def restart_during(weed: Weed, action, outage: float = 3.0, after: float = 0.5):
+    """Run `action` in a thread; kill the server `after` seconds in, start it again `outage` seconds later."""
+    outcome = {}
+
+    def target():
+        started = time.monotonic()
+        try:
+            outcome["value"] = action()
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    time.sleep(after)
+    assert thread.is_alive(), "the transfer finished before the server went down: make it bigger"
+    weed.kill()
+    time.sleep(outage)
+    weed.start()
+    thread.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    return outcome
+
+
+def test_upload_survives_the_server_restarting(weed, tmp_path):
+    folder = big_output(tmp_path)
+    outcome = restart_during(weed, lambda: storage.publish(folder, f"s3://{BUCKET}/runs/a"))
+    fetched = storage.fetch(f"s3://{BUCKET}/runs/a", tmp_path / "back")  # verifies every sha256
+    assert sorted(p.name for p in fetched.iterdir()) == ["manifest.json", "shard-0.bin", "shard-1.bin"]
+    print(f"publish with a 3 s server outage: {outcome['seconds']:.1f} s")
+
+
+def test_download_survives_the_server_restarting(weed, tmp_path):
+    storage.publish(big_output(tmp_path), f"s3://{BUCKET}/runs/b")
+    outcome = restart_during(weed, lambda: storage.fetch(f"s3://{BUCKET}/runs/b", tmp_path / "back"), after=0.3)
+    assert (outcome["value"] / "manifest.json").exists()
+    print(f"fetch with a 3 s server outage: {outcome['seconds']:.1f} s")
+
+
+def test_server_gone_for_good_is_a_clear_error_after_the_retry_budget(weed, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "TRANSFER_RETRY_DELAYS", (1, 2))
+    folder = big_output(tmp_path, megabytes=2)
+    weed.kill()
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match=f"S3 unreachable for s3://{BUCKET}/runs/c") as caught:
+        storage.publish(folder, f"s3://{BUCKET}/runs/c")
+    elapsed = time.monotonic() - started
+    assert weed.secret not in str(caught.value)
+    assert 3 <= elapsed < 60, elapsed
+    with pytest.raises(storage.StorageError, match="S3 unreachable"):
+        storage.fetch(f"s3://{BUCKET}/runs/c", tmp_path / "back")
+    assert not (tmp_path / "back").exists() and not (tmp_path / "back.partial").exists()
+
+
+def test_manifest_entries_cannot_escape_the_target(weed, tmp_path):
+    client = weed.client()
+    client.put_object(Bucket=BUCKET, Key="evil/x.bin", Body=b"x")
+    manifest = {"stage": "merge", "files": {"../../escaped.bin": {"sha256": "0" * 64, "size": 1}}, "lineage": {}, "metrics": {}}
+    client.put_object(Bucket=BUCKET, Key="evil/manifest.json", Body=json.dumps(manifest).encode())
+    with pytest.raises(storage.StorageError, match="outside"):
+        storage.fetch(f"s3://{BUCKET}/evil", tmp_path / "target" / "back")
+    assert not (tmp_path / "escaped.bin").exists() and not (tmp_path / "target" / "back").exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/passwd", "a/b/../../../x"])
+def test_keys_that_would_escape_are_refused(tmp_path, name):
+    with pytest.raises(storage.StorageError, match="outside"):
+        storage.inside(tmp_path / "root", name)
+
+
+@pytest.mark.parametrize("name", ["a", "a/b/c.bin", "a/../b", "./c"])
+def test_keys_inside_are_kept(tmp_path, name):
+    assert storage.inside(tmp_path / "root", name).is_relative_to((tmp_path / "root").resolve())
