@@ -1,6 +1,8 @@
 """S3 and MLflow against real servers: SeaweedFS and an MLflow tracking server, started on free local ports."""
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 
@@ -137,9 +139,12 @@ def test_promotion_rechecks_a_champion_promoted_meanwhile(s3_env, monkeypatch):
 
 
 def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
+    # A bearer token the MLflow server ignores, to check it travels nowhere but the HTTP header.
+    token = "tok-" + secrets.token_hex(16)
     command = [sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "tiny.yaml"), "--pipeline-root", str(tmp_path / "kfp"),
                "--set", "storage.uri=s3://tuneforge/runs", "--set", f"workdir={tmp_path}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "MLFLOW_TRACKING_TOKEN": token}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     run_id = summary["mlflow"]["run_id"]
@@ -161,6 +166,36 @@ def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
     # MLflow's artifacts went through the server into the bucket too.
     artifacts = _client(s3_env).list_objects_v2(Bucket="tuneforge", Prefix="mlflow-artifacts/")
     assert artifacts.get("KeyCount", 0) > 0
+
+    assert_secrets_nowhere([s3_env["AWS_SECRET_ACCESS_KEY"], token], s3_env, result, tmp_path, client, run_id, env)
+
+
+def assert_secrets_nowhere(values, s3_env, result, tmp_path, client, run_id, env):
+    """The credentials of a real run appear in no log, MLflow param, tag or artifact, task output, object or
+    compiled pipeline."""
+    needles = [v.encode() for v in values]
+
+    def clean(blob: bytes, where: str):
+        for needle in needles:
+            assert needle not in blob, f"a secret leaked into {where}"
+
+    clean((result.stdout + result.stderr).encode(), "the command's output")
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            clean(path.read_bytes(), str(path))
+    experiment = client.get_run(run_id).info.experiment_id
+    for run in client.search_runs([experiment]):
+        clean(json.dumps([run.data.params, run.data.tags]).encode(), f"MLflow run {run.info.run_id}")
+    for version in client.search_model_versions("name='tiny-extract'"):
+        clean(json.dumps(dict(version.tags)).encode(), f"model version {version.version}")
+    s3 = _client(s3_env)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="tuneforge"):
+        for item in page.get("Contents", []):
+            clean(s3.get_object(Bucket="tuneforge", Key=item["Key"])["Body"].read(), f"s3://tuneforge/{item['Key']}")
+    compiled = tmp_path / "compiled.yaml"
+    subprocess.run([sys.executable, "-m", "tuneforge.cli", "compile", str(EXAMPLES / "tiny.yaml"), "-o", str(compiled),
+                    "--set", "storage.uri=s3://tuneforge/runs"], check=True, capture_output=True, env=env)
+    clean(compiled.read_bytes(), "the compiled pipeline")
 
 
 def test_datasets_and_base_models_from_s3(s3_env, tmp_path, monkeypatch):
