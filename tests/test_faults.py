@@ -65,12 +65,14 @@ def weed(tmp_path, monkeypatch):
     (tmp_path / "weed").mkdir()
     server = Weed(tmp_path / "weed")
     server.start()
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    if server.process.poll() is None:
-        server.kill()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.kill()
 
 
 def big_output(tmp_path: Path, megabytes: int = 96) -> Path:
