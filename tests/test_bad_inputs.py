@@ -19,10 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from safetensors.torch import save_file
 import torch
 
-from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, write_jsonl
+from conftest import EXAMPLES, assert_no_output, cli, make_config
 
 GOOD_ROW = {"instruction": "Say hi.", "input": "", "output": "hi"}
 # Data cases fail before the model is even loaded or right after the tokenizer: a few seconds at most,
@@ -234,38 +233,34 @@ def case_config_yaml_syntax(tmp):
     return ["validate", path], [str(path), "line 4"]
 
 
-def case_config_unknown_key(tmp):
+def edited_config(tmp, edit) -> Path:
     config = good_config(tmp)
-    config["sft"]["learning_rte"] = 1e-4
-    path = write(tmp, "c.yaml", yaml.safe_dump(config))
+    edit(config)
+    return write(tmp, "c.yaml", yaml.safe_dump(config))
+
+
+def case_config_unknown_key(tmp):
+    path = edited_config(tmp, lambda c: c["sft"].update(learning_rte=1e-4))
     return ["validate", path], [str(path), "sft.learning_rte"]
 
 
 def case_config_wrong_type(tmp):
-    config = good_config(tmp)
-    config["sft"]["max_steps"] = "ten"
-    path = write(tmp, "c.yaml", yaml.safe_dump(config))
+    path = edited_config(tmp, lambda c: c["sft"].update(max_steps="ten"))
     return ["validate", path], [str(path), "sft.max_steps", "ten"]
 
 
 def case_config_missing_required(tmp):
-    config = good_config(tmp)
-    del config["base_model"]
-    path = write(tmp, "c.yaml", yaml.safe_dump(config))
+    path = edited_config(tmp, lambda c: c.pop("base_model"))
     return ["validate", path], [str(path), "base_model"]
 
 
 def case_config_bad_choice(tmp):
-    config = good_config(tmp)
-    config["sft"]["method"] = "qlora2"
-    path = write(tmp, "c.yaml", yaml.safe_dump(config))
+    path = edited_config(tmp, lambda c: c["sft"].update(method="qlora2"))
     return ["validate", path], [str(path), "sft.method", "qlora"]
 
 
 def case_config_negative_rate(tmp):
-    config = good_config(tmp)
-    config["sft"]["learning_rate"] = -1
-    path = write(tmp, "c.yaml", yaml.safe_dump(config))
+    path = edited_config(tmp, lambda c: c["sft"].update(learning_rate=-1))
     return ["validate", path], [str(path), "sft.learning_rate"]
 
 
@@ -289,9 +284,7 @@ def case_config_not_utf8(tmp):
 
 
 def case_config_storage_not_s3(tmp):
-    config = good_config(tmp)
-    config["storage"] = {"uri": "gs://bucket/runs"}
-    path = write(tmp, "c.yaml", yaml.safe_dump(config))
+    path = edited_config(tmp, lambda c: c.update(storage={"uri": "gs://bucket/runs"}))
     return ["validate", path], [str(path), "storage", "s3://"]
 
 

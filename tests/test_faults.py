@@ -4,10 +4,7 @@ path traversal in S3 keys and manifests, and secrets that must not leak."""
 import json
 import os
 import secrets
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,25 +23,12 @@ class Weed:
     def __init__(self, folder: Path):
         self.folder = folder
         self.key, self.secret = "tf" + secrets.token_hex(6), secrets.token_urlsafe(18)
-        (folder / "s3.json").write_text(json.dumps({"identities": [{
-            "name": "t", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.ports = {name: services._free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
-        self.url = f"http://127.0.0.1:{self.ports['s3']}"
-        self.process = None
+        services.write_s3_identity(folder / "s3.json", self.key, self.secret)
+        self.ports = services.seaweedfs_ports()
+        self.process, self.url = None, None
 
     def start(self):
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        p = self.ports
-        self.process = subprocess.Popen(
-            [weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={p['s3']}",
-             f"-s3.config={self.folder / 's3.json'}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
-             f"-filer.port={p['filer']}", f"-admin.port={p['admin']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-master.telemetry=false", "-s3.autoCreateBucket=false", "-webdav=false", "-admin.ui=false"],
-            stdout=open(self.folder / "weed.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "GOMEMLIMIT": "256MiB"})
-        (self.folder / "data").mkdir(exist_ok=True)
-        services._wait(self.url, 60, self.process, self.folder / "weed.log")
+        self.process, self.url = services.start_seaweedfs(self.folder, self.folder / "s3.json", self.ports)
 
     def kill(self):
         os.killpg(self.process.pid, signal.SIGKILL)

@@ -1,12 +1,10 @@
 """Each training stage alone and the whole chain on the tiny model."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest

