@@ -12,7 +12,7 @@
 #    wheel comes from TORCH_WHEEL (default: the one in /opt/wheels) through images/wheels/.
 #    TORCH_INDEX_URL replaces the PyTorch index (unreachable here) with PyPI: the local wheel wins.
 # 3. The image runs data-prep and a 4-step SFT of the tiny model with a read-only root filesystem, as
-#    user 10001, with no network, writing only to the mounted /work and /cache.
+#    user 10001, with no network, writing only to the mounted /workspace and /cache.
 # Slow (a first run takes about 15 minutes), so it is not part of the test suite.
 set -euo pipefail
 
@@ -92,13 +92,13 @@ chown -R 10001:10001 "$WORK/out" "$WORK/cache"
 cp -r "$ROOT/examples" "$WORK/examples"
 in_image() {
   podman_run --rm --network=none --read-only --tmpfs /tmp --user 10001 \
-    --volume "$WORK/examples:/examples:ro" --volume "$WORK/out:/work" --volume "$WORK/cache:/cache" \
-    --env MLFLOW_TRACKING_URI=sqlite:////work/mlflow.db "$IMAGE" "$@"
+    --volume "$WORK/examples:/examples:ro" --volume "$WORK/out:/workspace" --volume "$WORK/cache:/cache" \
+    --env MLFLOW_TRACKING_URI=sqlite:////workspace/mlflow.db "$IMAGE" "$@"
 }
 echo "== tuneforge stage data-prep (in the image)"
-in_image tuneforge stage data-prep --config /examples/tiny.yaml --output /work/data --set workdir=/work/run
+in_image tuneforge stage data-prep --config /examples/tiny.yaml --output /workspace/data --set workdir=/workspace/run
 echo "== tuneforge stage sft (in the image)"
-in_image tuneforge stage sft --config /examples/tiny.yaml --output /work/sft --input data=/work/data \
-  --set workdir=/work/run --set sft.max_steps=4 --set sft.save_steps=2 --set sft.eval_steps=2
+in_image tuneforge stage sft --config /examples/tiny.yaml --output /workspace/sft --input data=/workspace/data \
+  --set workdir=/workspace/run --set sft.max_steps=4 --set sft.save_steps=2 --set sft.eval_steps=2
 test -f "$WORK/out/sft/manifest.json"
 echo "local-build.sh: $IMAGE built and ran data-prep and sft"
