@@ -38,10 +38,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.registry import RegistryError
     from tuneforge.services import ServiceError
     from tuneforge.storage import IncompleteOutputError, StorageError
+    from tuneforge.tracking import TrackingError
     from tuneforge.training import TrainingSetupError
 
     return (ConfigError, DataError, ExportError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError,
-            TrainingSetupError, StorageError, RegistryError, ServiceError)
+            TrainingSetupError, TrackingError, StorageError, RegistryError, ServiceError)
 
 
 def _fail(message: str) -> None:
@@ -110,6 +111,10 @@ def stage(
             result = module.run(cfg, inputs, output)
     except _user_errors() as exc:
         _fail(str(exc))
+    from tuneforge import tracking
+
+    if tracking.unlogged():
+        result["mlflow_unlogged"] = tracking.unlogged()
     typer.echo(json.dumps(result))
 
 

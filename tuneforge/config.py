@@ -248,6 +248,10 @@ class TrackingSettings(Strict):
         None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
     )
     experiment: str = "tuneforge"
+    retry_seconds: float = Field(
+        120, ge=0, description="How long a stage waits for an unreachable MLflow server before it goes on without it "
+        "(at its start it then fails, before any work; later it finishes and reports what could not be logged)."
+    )
 
 
 class Config(Strict):

@@ -50,7 +50,7 @@ class Stack:
         return state["env"]
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port p with p and p + 10000 free (SeaweedFS opens gRPC on port + 10000)."""
     for _ in range(200):
         with socket.socket() as s:
@@ -105,7 +105,7 @@ def write_s3_identity(path: Path, access_key: str, secret_key: str) -> None:
 
 
 def seaweedfs_ports() -> dict[str, int]:
-    return {name: _free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
+    return {name: free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
 
 
 def start_seaweedfs(folder: Path, s3_config: Path, ports: dict[str, int]) -> tuple[subprocess.Popen, str]:
@@ -130,6 +130,21 @@ def start_seaweedfs(folder: Path, s3_config: Path, ports: dict[str, int]) -> tup
     return process, url
 
 
+def start_mlflow(folder: Path, port: int, artifacts_destination: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start an MLflow tracking server with its SQLite store in FOLDER/mlflow.db, proxying artifacts to
+    ARTIFACTS_DESTINATION; return it and its URL once it answers. The same folder and port start it again."""
+    log = folder / "mlflow.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts_destination],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/health", 90, process, log)
+    return process, url
+
+
 def up(folder: Path) -> dict[str, str]:
     """Start SeaweedFS and MLflow (or return the running ones' environment)."""
     stack = Stack(Path(folder).resolve())
@@ -144,17 +159,10 @@ def up(folder: Path) -> dict[str, str]:
               "AWS_DEFAULT_REGION": "us-east-1"}
     _create_bucket(s3_env)
 
-    mlflow_port = _free_port_pair()
-    mlflow_log = stack.folder / "mlflow.log"
-    mlflow_process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "2",
-         "--backend-store-uri", f"sqlite:///{stack.folder / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts"],
-        stdout=open(mlflow_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    mlflow_process, mlflow_url = start_mlflow(
+        stack.folder, free_port_pair(), f"s3://{BUCKET}/mlflow-artifacts", {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
     )
-    _wait(f"http://127.0.0.1:{mlflow_port}/health", 90, mlflow_process, mlflow_log)
-    env = {**s3_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "TUNEFORGE_S3_BUCKET": BUCKET}
+    env = {**s3_env, "MLFLOW_TRACKING_URI": mlflow_url, "TUNEFORGE_S3_BUCKET": BUCKET}
     state = {"pids": {"seaweedfs": weed_process.pid, "mlflow": mlflow_process.pid}, "env": env}
     stack.state_file.write_text(json.dumps(state))
     os.chmod(stack.state_file, 0o600)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
+from mlflow.entities import Metric
 from transformers import TrainerCallback
 
 import tuneforge
@@ -71,20 +75,130 @@ def setup(config: Config) -> str:
         return mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id
 
 
+class TrackingError(RuntimeError):
+    """MLflow could not be reached when a stage started; nothing was done."""
+
+
+# What this stage could not send to MLflow; until when it keeps trying while MLflow is unreachable, and whether an
+# outage has outlasted that (then the stage stops calling MLflow).
+_unlogged: list[str] = []
+_give_up_at: float | None = None
+_gave_up = False
+_retry_seconds = 120.0
+
+# MLflow's client retries each request 7 times over about 4 minutes; a stage does its own waiting
+# (tracking.retry_seconds), so each request gives up sooner. Set variables win.
+CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def unlogged() -> list[str]:
+    return list(_unlogged)
+
+
+def _unreachable(err: Exception) -> bool:
+    """An error that says MLflow could not be reached or was briefly unable to answer, not that the call was wrong."""
+    if isinstance(err, requests.RequestException):
+        return True
+    return isinstance(err, mlflow.exceptions.MlflowException) and (
+        err.get_http_status_code() >= 500 or err.get_http_status_code() == 429
+    )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+
+
+def _retrying(what: str, call, *args, **kwargs):
+    """Call MLflow; while it is unreachable, retry until retry_seconds have passed since this outage began."""
+    global _give_up_at, _gave_up
+    while True:
+        try:
+            result = call(*args, **kwargs)
+            _give_up_at = None
+            return result
+        except Exception as err:
+            if not _unreachable(err):
+                raise
+            now = time.monotonic()
+            if _give_up_at is None:
+                _give_up_at = now + _retry_seconds
+            if now >= _give_up_at:
+                _gave_up = True
+                raise
+            log.warning("MLflow: %s failed (%s); retrying for up to %.0f s", what, _first_line(err), _give_up_at - now)
+            time.sleep(min(5.0, _give_up_at - now))
+
+
+def record(what: str, call, *args, **kwargs) -> bool:
+    """Log something to MLflow without letting an unreachable server fail the stage: retried within the budget,
+    then noted in the stage's result as not logged. Returns whether it was logged."""
+    if _gave_up:
+        _unlogged.append(what)
+        return False
+    try:
+        _retrying(what, call, *args, **kwargs)
+        return True
+    except Exception as err:
+        if not _unreachable(err):
+            raise
+        log.error("MLflow: could not log %s: %s", what, _first_line(err))
+        _unlogged.append(what)
+        return False
+
+
 @contextmanager
 def stage_run(config: Config, stage: str, lineage: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    experiment_id = setup(config)
+    """The stage's MLflow run. MLflow must answer (within retry_seconds) for the stage to start; once it has,
+    an unreachable server no longer fails the stage (see record)."""
+    global _give_up_at, _gave_up, _retry_seconds
+    for key, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    _unlogged.clear()
+    _give_up_at, _gave_up, _retry_seconds = None, False, config.tracking.retry_seconds
     parent = os.environ.get(PARENT_RUN_ENV)
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"{config.name}/{stage}",
-        parent_run_id=parent or None,
-        nested=bool(parent),
-        tags={"tuneforge.stage": stage, "tuneforge.code_version": code_version()},
-    ) as run:
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(config.model_dump(mode="json")).items()})
-        set_lineage(lineage)
+    run = None
+    try:
+        experiment_id = _retrying("experiment lookup", setup, config)
+        run = _retrying("run start", mlflow.start_run, experiment_id=experiment_id, run_name=f"{config.name}/{stage}",
+                        parent_run_id=parent or None, nested=bool(parent),
+                        tags={"tuneforge.stage": stage, "tuneforge.code_version": code_version()})
+        _retrying("params", mlflow.log_params,
+                  {k: str(v)[:6000] for k, v in flatten(config.model_dump(mode="json")).items()})
+        _retrying("lineage tags", set_lineage, lineage)
+    except Exception as err:
+        if run is not None:
+            _end(run, "FAILED")
+        if _unreachable(err):
+            raise TrackingError(
+                f"MLflow at {tracking_uri(config)} did not answer for {_retry_seconds:.0f} s (tracking.retry_seconds): "
+                f"{_first_line(err)}; the {stage} stage did not start"
+            ) from None
+        raise
+    status = "FAILED"
+    try:
         yield run
+        status = "FINISHED"
+    finally:
+        _end(run, status)
+
+
+def _end(run: mlflow.ActiveRun, status: str) -> None:
+    if record(f"the run's end ({status})", mlflow.MlflowClient().set_terminated, run.info.run_id, status):
+        mlflow.end_run(status)
+        return
+    # Leave the run without the server, which cannot be reached (it keeps the run RUNNING): end_run forgets the
+    # active run before it calls the server.
+    try:
+        mlflow.end_run(status)
+    except Exception as err:
+        if not _unreachable(err):
+            raise
+
+
+def run_record(run: mlflow.ActiveRun) -> dict[str, Any]:
+    """What a manifest's lineage says about the stage's MLflow run: its id and, if any, what could not be logged."""
+    return {"mlflow_run_id": run.info.run_id, **({"mlflow_unlogged": unlogged()} if _unlogged else {})}
 
 
 def inherit_lineage(parent_manifest: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -102,12 +216,76 @@ def set_lineage(lineage: dict[str, Any]) -> None:
 
 
 class MlflowMetrics(TrainerCallback):
-    """Send the Trainer's logs to the active MLflow run at every logging step."""
+    """Send the Trainer's logs to the stage's MLflow run from a background thread, so a slow or unreachable server
+    never holds up training: values that cannot be sent are kept and sent later; what is still unsent when training
+    ends is retried within tracking.retry_seconds and then reported as unlogged (train_history.json has it all)."""
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
+        self.run_id: str | None = None
+        self.pending: list[Metric] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.sender: threading.Thread | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and mlflow.active_run() and self.sender is None:
+            self.run_id = mlflow.active_run().info.run_id
+            self.sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+            self.sender.start()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-        if numbers and state.is_world_process_zero:
-            mlflow.log_metrics(numbers, step=state.global_step)
+        if self.run_id is None:
+            return
+        now = int(time.time() * 1000)
+        numbers = [Metric(f"{self.prefix}{k}", float(v), now, state.global_step)
+                   for k, v in (logs or {}).items() if isinstance(v, (int, float))]
+        with self.lock:
+            self.pending.extend(numbers)
+        if self.stopped.is_set():  # trainer.evaluate() after training: no sender any more
+            self.flush()
+        else:
+            self.wake.set()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.sender is not None:
+            self.stopped.set()
+            self.wake.set()
+            self.sender.join()
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            with self.lock:
+                steps = sorted({m.step for m in self.pending})
+                what = f"{len(self.pending)} metric values of steps {steps[0]}-{steps[-1]}"
+            if not record(what, self._send_some):
+                with self.lock:
+                    self.pending.clear()
+                return
+
+    def _send_some(self) -> None:
+        with self.lock:
+            batch = self.pending[:1000]  # MLflow's log_batch limit
+        mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=True)
+        with self.lock:
+            del self.pending[: len(batch)]
+
+    def _send_loop(self) -> None:
+        failing = False
+        while not self.stopped.is_set():
+            self.wake.wait(timeout=10)
+            self.wake.clear()
+            try:
+                while self.pending and not self.stopped.is_set():
+                    self._send_some()
+                if failing:
+                    log.info("MLflow answers again; the metrics kept meanwhile are sent")
+                failing = False
+            except Exception as err:
+                if not failing:
+                    log.warning("MLflow: sending metrics failed (%s); training goes on, they are kept and sent later",
+                                _first_line(err))
+                failing = True
+                self.stopped.wait(10)

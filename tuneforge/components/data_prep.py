@@ -567,16 +567,17 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         _write_jsonl(out / "eval_tasks.jsonl", eval_tasks)
         data_sha = _hash_files(out)
         lineage["data_sha256"] = data_sha
-        tracking.set_lineage({"data_sha256": data_sha})
+        tracking.record("the data hash tag", tracking.set_lineage, {"data_sha256": data_sha})
         _plot_lengths(lengths, data.max_length, out / "token_lengths.png")
         (out / "data_report.json").write_text(json.dumps(report, indent=2))
         (out / "report.md").write_text(_report_markdown(report))
         (out / "chat_template.jinja").write_text(template)
         import mlflow
 
-        mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        tracking.record("the data report metrics", mlflow.log_metrics,
+                        {k: v for k, v in report.items() if isinstance(v, (int, float))})
         for name in ("report.md", "data_report.json", "token_lengths.png", "chat_template.jinja"):
-            mlflow.log_artifact(str(out / name), artifact_path=STAGE)
+            tracking.record(f"artifact {STAGE}/{name}", mlflow.log_artifact, str(out / name), artifact_path=STAGE)
         lineage.update(
             chat_template=template,
             special_tokens={
@@ -585,7 +586,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
                 "bos": tokenizer.bos_token,
                 "stop": sorted(renderer.stop_tokens or {tokenizer.eos_token}),
             },
-            mlflow_run_id=mlrun.info.run_id,
+            **tracking.run_record(mlrun),
         )
         storage.write_manifest(out, STAGE, lineage, report)
     log.info("data-prep: %s", {k: v for k, v in report.items() if k != "skipped_rows"})

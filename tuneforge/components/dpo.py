@@ -99,9 +99,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         models.save_tokenizer(tokenizer, out, sft_dir)
         training.set_adapter_base(out, config.base_model.source if adapter_base == "base_model" else "sft")
         training.save_history(trainer.state.log_history, out, "DPO")
-        mlflow.log_artifact(str(out / "loss_curve.png"), artifact_path=STAGE)
-        mlflow.log_metrics({f"dpo/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lineage.update(kind="adapter", method="lora", adapter_base=adapter_base, mlflow_run_id=mlrun.info.run_id)
+        tracking.record(f"artifact {STAGE}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"),
+                        artifact_path=STAGE)
+        tracking.record("the final metrics", mlflow.log_metrics,
+                        {f"dpo/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        lineage.update(kind="adapter", method="lora", adapter_base=adapter_base, **tracking.run_record(mlrun))
         storage.write_manifest(out, STAGE, lineage, metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {"status": "succeeded", "metrics": metrics, "output": str(output)}

@@ -165,9 +165,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         curves = _plot_loss_curves({k: inputs[k] for k in ("sft", "dpo") if k in inputs}, out / "loss_curves.png")
         (out / "report.md").write_text(_report(results, samples, curves))
         for model_name in ("base", "candidate"):
-            mlflow.log_metrics({f"{model_name}/{k}": v for k, v in results[model_name].items()})
-        mlflow.log_artifacts(str(out), artifact_path=STAGE)
-        lineage["mlflow_run_id"] = mlrun.info.run_id
+            tracking.record(f"the {model_name} metrics", mlflow.log_metrics,
+                            {f"{model_name}/{k}": v for k, v in results[model_name].items()})
+        tracking.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
+        lineage.update(tracking.run_record(mlrun))
         storage.write_manifest(out, STAGE, lineage, results)
     return {"status": "succeeded", "metrics": results, "output": str(output)}
 

@@ -160,17 +160,17 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             (out / f"Modelfile.{gguf_type}").write_text(
                 modelfile(path.name, chat_template, texts[0], stop_tokens, settings.temperature, settings.num_ctx)
             )
-            mlflow.log_metrics({f"{gguf_type}/{k}": v for k, v in check.items() if isinstance(v, (int, float))})
+            tracking.record(f"the {gguf_type} checks", mlflow.log_metrics,
+                            {f"{gguf_type}/{k}": v for k, v in check.items() if isinstance(v, (int, float))})
         if intermediate is not None:
             intermediate.unlink()
         (out / "verification.json").write_text(json.dumps(results, indent=2))
-        mlflow.log_artifact(str(out / "verification.json"), artifact_path=STAGE)
-        for gguf_type in settings.types:
-            mlflow.log_artifact(str(out / f"Modelfile.{gguf_type}"), artifact_path=STAGE)
+        for name in ("verification.json", *(f"Modelfile.{t}" for t in settings.types)):
+            tracking.record(f"artifact {STAGE}/{name}", mlflow.log_artifact, str(out / name), artifact_path=STAGE)
         failures = _failures(results, config)
         if failures:
             raise gguf.ExportError("GGUF verification failed: " + "; ".join(failures))
-        lineage.update(gguf_files={t: f"{config.name}-{t}.gguf" for t in settings.types}, mlflow_run_id=mlrun.info.run_id)
+        lineage.update(gguf_files={t: f"{config.name}-{t}.gguf" for t in settings.types}, **tracking.run_record(mlrun))
         storage.write_manifest(out, STAGE, lineage, results)
     log.info("export-gguf: %s", results)
     return {"status": "succeeded", "metrics": results, "output": str(output)}

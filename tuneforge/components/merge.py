@@ -102,7 +102,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         merged.save_pretrained(out, max_shard_size=config.merge.max_shard_size, safe_serialization=True)
         tokenizer.padding_side = "right"
         models.save_tokenizer(tokenizer, out, model_dir)
-        mlflow.log_metrics(metrics)
-        lineage["mlflow_run_id"] = mlrun.info.run_id
+        tracking.record("the merge metrics", mlflow.log_metrics, metrics)
+        lineage.update(tracking.run_record(mlrun))
         storage.write_manifest(out, STAGE, lineage, metrics)
     return {"status": "succeeded", "metrics": metrics, "output": str(output)}

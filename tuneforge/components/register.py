@@ -56,9 +56,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         client = mlflow.MlflowClient()
         result = registry.register(client, name, source, mlrun.info.run_id, {k: v for k, v in tags.items() if v},
                                    results["candidate"], results["base"], config.registry)
-        mlflow.set_tags({"registry.version": result["version"], "registry.promoted": str(result["decision"]["promoted"])})
+        tracking.record("the registry tags", mlflow.set_tags,
+                        {"registry.version": result["version"], "registry.promoted": str(result["decision"]["promoted"])})
         (out / "registration.json").write_text(json.dumps(result, indent=2))
-        mlflow.log_artifact(str(out / "registration.json"), artifact_path=STAGE)
-        lineage["mlflow_run_id"] = mlrun.info.run_id
+        tracking.record(f"artifact {STAGE}/registration.json", mlflow.log_artifact, str(out / "registration.json"),
+                        artifact_path=STAGE)
+        lineage.update(tracking.run_record(mlrun))
         storage.write_manifest(out, STAGE, lineage, result)
     return {"status": "succeeded", "metrics": result, "output": str(output)}

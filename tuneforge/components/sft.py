@@ -135,9 +135,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if kind == "adapter":
             training.set_adapter_base(out, config.base_model.source)
         training.save_history(trainer.state.log_history, out, f"SFT ({settings.method})")
-        mlflow.log_artifact(str(out / "loss_curve.png"), artifact_path=STAGE)
-        mlflow.log_metrics({f"sft/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lineage.update(kind=kind, method=settings.method, mlflow_run_id=mlrun.info.run_id)
+        tracking.record(f"artifact {STAGE}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"),
+                        artifact_path=STAGE)
+        tracking.record("the final metrics", mlflow.log_metrics,
+                        {f"sft/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        lineage.update(kind=kind, method=settings.method, **tracking.run_record(mlrun))
         storage.write_manifest(out, STAGE, lineage, metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {"status": "succeeded", "metrics": metrics, "output": str(output)}

@@ -157,6 +157,9 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
         stages[stage] = {"status": status, **({"output": str(folder)} if folder else {})}
         if folder:
             outputs[stage] = folder
+            unlogged = json.loads((folder / "manifest.json").read_text())["lineage"].get("mlflow_unlogged")
+            if unlogged:
+                stages[stage]["mlflow_unlogged"] = unlogged
     summary: dict[str, Any] = {"name": config.name, "run_folder": str(run_folder), "stages": stages,
                                "mlflow": {"tracking_uri": tracking.tracking_uri(config)}}
     failed = [s for s, v in stages.items() if v["status"] == "failed"]

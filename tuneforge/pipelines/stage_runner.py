@@ -25,6 +25,8 @@ def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, s
     os.environ[register.RUN_ID_ENV] = parent_run
     module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
     result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
+    if tracking.unlogged():
+        result["mlflow_unlogged"] = tracking.unlogged()
     uri = register.published_uri(config, FOLDERS[stage])
     if uri:
         result["uri"] = storage.publish(Path(output), uri, config.storage.endpoint_url)
