@@ -5,6 +5,9 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import mlflow
@@ -114,28 +117,48 @@ def test_registry_gate_both_ways_and_rollback(s3_env):
         registry.rollback(client, name)
 
 
-def test_promotion_rechecks_a_champion_promoted_meanwhile(s3_env, monkeypatch):
-    """Two runs finishing at once: the second decides against the first one's result, not the stale champion."""
-    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+def test_runs_registering_at_once_end_with_the_best_as_the_one_champion(s3_env):
+    """Eight runs register at the same moment against the real server: the gate decides one after the other, so the
+    champion is the best candidate, every run's decision agrees with the final state, and the lock is gone."""
     settings = RegistrySettings(primary_metric="task_score", guards={})
     name = "race-test"
-    base = {"task_score": 0.0}
-    registry.register(client, name, "s3://tuneforge/r/1", None, {}, {"task_score": 0.5}, base, settings)
-    real = registry.current_champion
-    calls = []
+    scores = [0.31, 0.77, 0.12, 0.65, 0.9, 0.45, 0.58, 0.2]
+    barrier = threading.Barrier(len(scores))
 
-    def champion_changes_between_decision_and_promotion(c, n):
-        calls.append(n)
-        if len(calls) == 2:  # just before the alias moves, another run has promoted a 0.8
-            version = c.create_model_version(n, source="s3://tuneforge/r/other", tags={"metric.task_score": "0.8"})
-            c.set_registered_model_alias(n, "champion", str(version.version))
-        return real(c, n)
+    def register(score):
+        client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+        barrier.wait()
+        return registry.register(client, name, f"s3://tuneforge/r/{score}", None, {}, {"task_score": score},
+                                 {"task_score": 0.0}, settings)
 
-    monkeypatch.setattr(registry, "current_champion", champion_changes_between_decision_and_promotion)
-    result = registry.register(client, name, "s3://tuneforge/r/3", None, {}, {"task_score": 0.6}, base, settings)
-    assert not result["decision"]["promoted"]
-    assert any("promoted meanwhile" in r for r in result["decision"]["reasons"])
-    assert client.get_model_version_by_alias(name, "champion").tags["metric.task_score"] == "0.8"
+    with ThreadPoolExecutor(len(scores)) as pool:
+        results = list(pool.map(register, scores))
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["metric.task_score"] == "0.9"
+    versions = registry.versions(client, name)
+    assert len(versions) == len(scores) and sum("champion" in v["aliases"] for v in versions) == 1
+    # Each promotion replaced a worse champion: following previous_champion from the champion visits rising scores.
+    promoted = [r for r in results if r["decision"]["promoted"]]
+    chain = [float(client.get_model_version(name, r["version"]).tags["metric.task_score"]) for r in promoted]
+    assert sorted(chain) == sorted(set(chain)) and max(chain) == 0.9
+    for result in results:
+        if not result["decision"]["promoted"]:
+            assert any("does not beat" in reason for reason in result["decision"]["reasons"]), result
+    assert client.search_registered_models(f"name = '{name}.{registry.LOCK_SUFFIX}'") == []
+
+
+def test_a_lock_left_by_a_killed_run_is_broken(s3_env):
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    name = "stale-lock-test"
+    client.create_registered_model(f"{name}.{registry.LOCK_SUFFIX}")
+    with pytest.raises(registry.RegistryError, match=f"delete the registered model {name}.{registry.LOCK_SUFFIX}"):
+        with registry.promotion_lock(client, name, wait=1):
+            pass
+    started = time.monotonic()
+    with registry.promotion_lock(client, name, wait=30, stale_after=2):
+        assert time.monotonic() - started >= 1
+    assert client.search_registered_models(f"name = '{name}.{registry.LOCK_SUFFIX}'") == []
 
 
 def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
@@ -168,6 +191,60 @@ def test_tiny_pipeline_with_real_s3_and_mlflow_server(s3_env, tmp_path):
     assert artifacts.get("KeyCount", 0) > 0
 
     assert_secrets_nowhere([s3_env["AWS_SECRET_ACCESS_KEY"], token], s3_env, result, tmp_path, client, run_id, env)
+
+
+def test_four_pipelines_at_once_share_one_seaweedfs_and_mlflow(s3_env, stack, tmp_path):
+    """Four runs of one model, each with a different amount of training, started together: all finish, each keeps
+    its own artifacts, and the registry ends with one champion, the best of them."""
+    name = "tiny-concurrent"
+    steps = [4, 8, 16, 30]
+    started = time.monotonic()
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "run", str(EXAMPLES / "tiny.yaml"),
+                          "--pipeline-root", str(tmp_path / f"kfp{n}"), "--set", f"workdir={tmp_path / f'work{n}'}",
+                          "--set", f"name={name}", "--set", "storage.uri=s3://tuneforge/runs", "--set", f"sft.max_steps={n}",
+                          "--set", "dpo.enabled=false", "--set", "export.enabled=false"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in steps
+    ]
+    outputs = [p.communicate(timeout=1500) for p in processes]
+    elapsed = time.monotonic() - started
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    assert all(s["status"] == "succeeded" for s in summaries)
+    run_ids = {s["mlflow"]["run_id"] for s in summaries}
+    assert len(run_ids) == len(steps)
+
+    # Each run's artifacts are its own and intact (fetch checks every checksum).
+    hashes = set()
+    for summary, n in zip(summaries, steps, strict=True):
+        merged = storage.fetch(f"s3://tuneforge/runs/{name}/{summary['mlflow']['run_id']}/merged", tmp_path / f"merged{n}")
+        manifest = json.loads((merged / "manifest.json").read_text())
+        assert manifest["lineage"]["mlflow_run_id"] in {r.info.run_id for r in _children(summary)}
+        hashes.add(manifest["lineage"]["config_hash"])
+    assert len(hashes) == len(steps)
+
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    for summary in summaries:
+        assert client.get_run(summary["mlflow"]["run_id"]).info.status == "FINISHED"
+        assert {r.info.status for r in _children(summary)} == {"FINISHED"}
+    versions = registry.versions(client, name)
+    assert len(versions) == len(steps) and sum("champion" in v["aliases"] for v in versions) == 1
+    best = min(versions, key=lambda v: v["metrics"]["eval_loss"])
+    assert "champion" in best["aliases"]
+    for summary in summaries:
+        registered = summary["registered_model"]
+        assert registered["decision"]["promoted"] or any("does not beat" in r for r in registered["decision"]["reasons"])
+    assert client.search_registered_models(f"name = '{name}.{registry.LOCK_SUFFIX}'") == []
+    locked = (stack[0] / "mlflow.log").read_text().count("database is locked")
+    print(f"4 pipelines at once: {elapsed:.0f} s; 'database is locked' in the MLflow server log: {locked}")
+
+
+def _children(summary):
+    client = mlflow.MlflowClient(tracking_uri=summary["mlflow"]["tracking_uri"])
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
 def assert_secrets_nowhere(values, s3_env, result, tmp_path, client, run_id, env):
