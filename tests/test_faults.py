@@ -1,10 +1,13 @@
 """Storage faults against a real SeaweedFS that the tests kill and start again on the same ports mid-transfer,
-path traversal in S3 keys and manifests, and secrets that must not leak."""
+path traversal in S3 keys and manifests, and a killed stage resumed on another machine from checkpoints on S3."""
 
 import json
 import os
+import re
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -141,3 +144,54 @@ def test_keys_that_would_escape_are_refused(tmp_path, name):
 @pytest.mark.parametrize("name", ["a", "a/b/c.bin", "a/../b", "./c"])
 def test_keys_inside_are_kept(tmp_path, name):
     assert storage.inside(tmp_path / "root", name).is_relative_to((tmp_path / "root").resolve())
+
+
+RETRY = """
+import json, sys
+from tuneforge.pipelines.stage_runner import run_stage
+print(json.dumps(run_stage("sft", sys.argv[1], sys.argv[2], {"data": sys.argv[3]}, sys.argv[4])))
+"""
+
+
+def test_a_retry_on_another_machine_resumes_from_the_checkpoints_on_s3(weed, tmp_path, monkeypatch):
+    """What a KFP retry does: the same task again, in a fresh pod with an empty disk. The first attempt is killed
+    after a checkpoint reached S3; the second starts from an empty folder, resumes from S3 and finishes."""
+    from conftest import alpaca_rows, cli, make_config, write_jsonl
+    from tuneforge.config import load_config
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    config_path = make_config(tmp_path, [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(40))],
+                              storage={"uri": f"s3://{BUCKET}/runs"})
+    assert cli("stage", "data-prep", "--config", config_path, "--output", tmp_path / "data").exit_code == 0
+    config = load_config(config_path, ["sft.max_steps=200", "sft.save_steps=10", "sft.batch_size=2", "sft.logging_steps=1"])
+    import mlflow
+
+    parent = mlflow.MlflowClient(tracking_uri).create_run(mlflow.MlflowClient(tracking_uri).create_experiment("retry")).info.run_id
+    mirror = f"runs/test/{parent}/sft.checkpoints"
+
+    def attempt(node):
+        return subprocess.Popen(
+            [sys.executable, "-c", RETRY, config.model_dump_json(), parent, str(tmp_path / "data"), str(tmp_path / node / "sft")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+    first = attempt("node-a")
+    client, deadline = weed.client(), time.monotonic() + 300
+    while "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=f"{mirror}/checkpoint-20/manifest.json"):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    done_at_kill = len(re.findall(r"\{'loss': ", "".join(first.communicate())))  # the trainer prints to stdout
+
+    second = attempt("node-b")
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0, stderr[-3000:]
+    resumed_from = int(re.search(r"resuming from \S*node-b/sft\.checkpoints/checkpoint-(\d+)", stderr).group(1))
+    assert 20 <= resumed_from and 0 <= done_at_kill - resumed_from <= 10, (done_at_kill, resumed_from)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["metrics"]["steps"] == 200 and result["uri"] == f"s3://{BUCKET}/runs/test/{parent}/sft"
+    assert len(re.findall(r"\{'loss': ", stdout + stderr)) == 200 - resumed_from  # only the steps after the checkpoint
+    # Published, and the mirrored checkpoints are gone once the output is.
+    assert storage.fetch(result["uri"], tmp_path / "fetched").is_dir()
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=mirror)
+    print(f"retry on a fresh machine resumed from step {resumed_from}; the kill lost {done_at_kill - resumed_from} steps")

@@ -1,16 +1,19 @@
 """Each training stage alone and the whole chain on the tiny model."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 from safetensors.torch import load_file
 
 from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
+from tuneforge import training
 
 
 def tuneforge(*args, **kwargs):
@@ -156,26 +159,65 @@ def test_failed_pipeline_reports_the_stage_and_exits_non_zero(tmp_path):
     assert run.info.status == "FAILED"  # the exit handler marked the pipeline's MLflow run
 
 
-def test_killed_sft_resumes_from_its_last_checkpoint(prepared, tmp_path):
-    config, data = prepared
-    output = tmp_path / "sft"
-    checkpoints = tmp_path / "sft.checkpoints"
-    args = ["stage", "sft", "--config", config, "--input", f"data={data}", "--output", output,
-            "--set", "sft.max_steps=300", "--set", "sft.save_steps=10", "--set", "sft.batch_size=2"]
-    process = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (checkpoints / "checkpoint-20").exists():
+def kill_and_resume(args, output, save_steps, kill_after):
+    """Start a stage, SIGKILL it once checkpoint-KILL_AFTER exists, run it again; return how many steps the kill
+    lost (steps done at the kill minus the step resumed from) and the finished stage's result."""
+    checkpoints = output.with_name(output.name + ".checkpoints")
+    process = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / f"checkpoint-{kill_after}").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.1)
+        time.sleep(0.05)
+    time.sleep(0.3)  # a little further into training than the checkpoint
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not output.exists() and not (output / "manifest.json").exists()
+    _, killed_log = process.communicate()
+    assert not output.exists()
+    done_at_kill = len(re.findall(r"\{'loss': ", killed_log))  # logging_steps is 1
+    newest = Path(training.last_complete_checkpoint(checkpoints))
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {p.name for p in newest.iterdir()}
     resumed = tuneforge(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["metrics"]["steps"] == 300
-    history = json.loads((output / "train_history.json").read_text())
-    assert history[-1]["step"] == 300
+    resumed_from = int(re.search(r"resuming from \S*checkpoint-(\d+)", resumed.stderr).group(1))
+    lost = done_at_kill - resumed_from
+    assert 0 <= lost <= save_steps, (done_at_kill, resumed_from)
+    return lost, json.loads(resumed.stdout.strip().splitlines()[-1])
+
+
+def assert_same_training(resumed_dir, reference_dir, after_step):
+    """Resumed training follows the uninterrupted run step for step (same batches, optimizer, schedule, RNG)."""
+    resumed = {e["step"]: e["loss"] for e in json.loads((resumed_dir / "train_history.json").read_text()) if "loss" in e}
+    reference = {e["step"]: e["loss"] for e in json.loads((reference_dir / "train_history.json").read_text()) if "loss" in e}
+    steps = [s for s in reference if s > after_step]
+    assert steps and all(abs(resumed[s] - reference[s]) < 1e-4 for s in steps), [(s, resumed[s], reference[s]) for s in steps]
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    config, data = prepared
+    common = ["--config", config, "--input", f"data={data}", "--set", "sft.max_steps=200", "--set", "sft.save_steps=10",
+              "--set", "sft.batch_size=2", "--set", "sft.logging_steps=1"]
+    lost, result = kill_and_resume(["stage", "sft", *common, "--output", tmp_path / "sft"], tmp_path / "sft", 10, 20)
+    assert result["metrics"]["steps"] == 200
+    assert not (tmp_path / "sft.checkpoints").exists()  # removed once the stage succeeded
+    reference = tuneforge("stage", "sft", *common, "--output", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_training(tmp_path / "sft", tmp_path / "reference", after_step=30)
+    print(f"sft: a kill lost {lost} steps (save_steps 10)")
+
+
+def test_killed_dpo_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    config, data = prepared
+    assert cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft",
+               "--set", "sft.method=lora").exit_code == 0
+    common = ["--config", config, "--input", f"data={data}", "--input", f"model={tmp_path / 'sft'}",
+              "--set", "dpo.max_steps=60", "--set", "dpo.save_steps=10", "--set", "dpo.batch_size=2",
+              "--set", "dpo.logging_steps=1"]
+    lost, result = kill_and_resume(["stage", "dpo", *common, "--output", tmp_path / "dpo"], tmp_path / "dpo", 10, 20)
+    assert result["metrics"]["steps"] == 60
+    reference = tuneforge("stage", "dpo", *common, "--output", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_training(tmp_path / "dpo", tmp_path / "reference", after_step=30)
+    print(f"dpo: a kill lost {lost} steps (save_steps 10)")
 
 
 def test_merge_proof_failure_leaves_nothing(prepared, tmp_path):

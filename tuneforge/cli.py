@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -87,10 +88,17 @@ def stage(
     output: Annotated[Path, typer.Option(help="Output directory; written only when the stage succeeds.")],
     input_: Annotated[list[str] | None, typer.Option("--input", help="KEY=PATH of an earlier stage's output.")] = None,
     set_: SetOption = None,
+    checkpoint_uri: Annotated[str | None, typer.Option(
+        help="sft/dpo: mirror checkpoints to this S3 prefix and resume from it when there are none beside OUTPUT.",
+        envvar="TUNEFORGE_CHECKPOINT_URI")] = None,
     verbose: bool = False,
 ) -> None:
     """Run one stage: what each pipeline container executes."""
     _setup_logging(verbose)
+    if checkpoint_uri:
+        if not checkpoint_uri.startswith("s3://"):
+            _fail(f"--checkpoint-uri {checkpoint_uri!r}: an s3://BUCKET/PREFIX is expected")
+        os.environ["TUNEFORGE_CHECKPOINT_URI"] = checkpoint_uri
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     module_name, required, optional = STAGES[name]

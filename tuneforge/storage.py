@@ -229,6 +229,26 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
     return Path(folder).resolve()
 
 
+def subfolders(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """The names of the folders directly under an S3 prefix."""
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with _s3_errors(uri):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", Delimiter="/")
+        return [p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for page in pages for p in page.get("CommonPrefixes", [])]
+
+
+def delete(uri: str, endpoint_url: str | None = None) -> None:
+    """Delete every object under an S3 prefix, the manifests first so nothing half-deleted looks complete."""
+    bucket, prefix = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with _s3_errors(uri):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+        keys = sorted((o["Key"] for page in pages for o in page.get("Contents", [])), key=lambda k: not k.endswith(MANIFEST))
+        for start in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]})
+
+
 def download(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
     """Download one object, or every object under a prefix (a model directory), to `target`; it appears only
     when complete. Transfer integrity is checked by the S3 client (content length, and MD5 for single-part objects)."""

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
+from tuneforge import storage
 from tuneforge.config import LoraSettings, TrainSettings
 
 log = logging.getLogger(__name__)
+
+# Where a stage mirrors its checkpoints (an S3 prefix); set by the pipeline when it publishes to S3.
+CHECKPOINT_URI_ENV = "TUNEFORGE_CHECKPOINT_URI"
 
 
 class TrainingSetupError(RuntimeError):
@@ -56,9 +63,9 @@ def checkpoint_dir(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoints")
 
 
-def resume_from(settings: TrainSettings, checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+def resume_from(settings: TrainSettings, checkpoints: Path, endpoint_url: str | None = None) -> str | None:
+    """The checkpoint to resume from: the newest beside the output or, when there is none (a retry on another
+    machine), the newest complete one mirrored to S3."""
     if settings.resume == "never":
         shutil.rmtree(checkpoints, ignore_errors=True)
         return None
@@ -66,10 +73,56 @@ def resume_from(settings: TrainSettings, checkpoints: Path) -> str | None:
         if not Path(settings.resume).is_dir():
             raise TrainingSetupError(f"resume: checkpoint {settings.resume} not found")
         return settings.resume
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
+    mirror = os.environ.get(CHECKPOINT_URI_ENV)
+    if last is None and mirror:
+        last = _fetch_mirrored(mirror, checkpoints, endpoint_url)
     if last:
         log.info("resuming from %s", last)
     return last
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing (trainer_state.json is its last file). One cut off by a
+    kill is removed: resuming from it would load half a state."""
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name[11:].isdigit() else -1)
+    for folder in reversed(found):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            log.warning("%s was cut off while being written; removing it", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _fetch_mirrored(mirror: str, checkpoints: Path, endpoint_url: str | None) -> str | None:
+    names = [n for n in storage.subfolders(mirror, endpoint_url) if re.fullmatch(r"checkpoint-\d+", n)]
+    for name in sorted(names, key=lambda n: int(n.split("-")[1]), reverse=True):
+        try:
+            return str(storage.fetch(f"{mirror}/{name}", checkpoints / name, endpoint_url))
+        except storage.IncompleteOutputError:
+            log.warning("%s/%s is incomplete (its upload was cut off); trying an older one", mirror, name)
+    return None
+
+
+class MirrorCheckpoints(TrainerCallback):
+    """Copy each checkpoint to S3 when it is saved (its manifest last) and keep only the newest there, so a retry
+    of the stage on another machine resumes from it. The upload holds training up for its duration."""
+
+    def __init__(self, uri: str, endpoint_url: str | None):
+        self.uri, self.endpoint_url = uri.rstrip("/"), endpoint_url
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        name = f"checkpoint-{state.global_step}"
+        folder = Path(args.output_dir) / name
+        storage.write_manifest(folder, "checkpoint", {}, {"step": state.global_step})
+        storage.publish(folder, f"{self.uri}/{name}", self.endpoint_url)
+        for older in storage.subfolders(self.uri, self.endpoint_url):
+            if older != name:
+                storage.delete(f"{self.uri}/{older}", self.endpoint_url)
 
 
 def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool) -> dict[str, Any]:
@@ -127,12 +180,14 @@ def lora_config(settings: LoraSettings, modules: list[str] | str):
     )
 
 
-def callbacks(settings: TrainSettings, prefix: str) -> list:
+def callbacks(settings: TrainSettings, prefix: str, endpoint_url: str | None = None) -> list:
     from transformers import EarlyStoppingCallback
 
     from tuneforge.tracking import MlflowMetrics
 
     found = [MlflowMetrics(prefix)]
+    if os.environ.get(CHECKPOINT_URI_ENV):
+        found.append(MirrorCheckpoints(os.environ[CHECKPOINT_URI_ENV], endpoint_url))
     if settings.early_stopping_patience:
         found.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     return found

@@ -59,7 +59,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
 
     tokenizer = models.load_tokenizer(str(sft_dir), config.base_model)
     checkpoints = training.checkpoint_dir(output)
-    resume = training.resume_from(settings, checkpoints)
+    resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
     torch.manual_seed(settings.seed)
     peft_config = None
     if sft_manifest["lineage"]["kind"] == "adapter":
@@ -89,7 +89,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             eval_dataset=evaluation if has_eval else None,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=training.callbacks(settings, "dpo/"),
+            callbacks=training.callbacks(settings, "dpo/", config.storage.endpoint_url),
         )
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}

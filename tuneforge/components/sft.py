@@ -100,7 +100,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     tokenizer = models.load_tokenizer(model_path, config.base_model)
     tokenizer.chat_template = data_manifest["lineage"]["chat_template"]
     checkpoints = training.checkpoint_dir(output)
-    resume = training.resume_from(settings, checkpoints)
+    resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
     torch.manual_seed(settings.seed)
     model = load_for_training(config, model_path)
     peft_config = None
@@ -122,7 +122,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             eval_dataset=evaluation if has_eval else None,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=training.callbacks(settings, "sft/"),
+            callbacks=training.callbacks(settings, "sft/", config.storage.endpoint_url),
         )
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step, "trained_token_fraction": trained_fraction}

@@ -12,24 +12,32 @@ FOLDERS = {"data-prep": "data", "sft": "sft", "dpo": "dpo", "merge": "merged", "
 def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, str], output: str) -> dict[str, Any]:
     """Run one stage as `tuneforge stage` would, under the pipeline's MLflow run, and publish its output to S3."""
     import importlib
-
     import json
+    import logging
 
-    from tuneforge import storage, tracking
+    from tuneforge import storage, tracking, training
     from tuneforge.cli import STAGES
     from tuneforge.components import register
     from tuneforge.config import Config
 
+    # The stage's own progress (resuming from a checkpoint, MLflow outages) belongs in the task's log.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tuneforge").setLevel(logging.INFO)
     config = Config.model_validate(json.loads(config_json))
     os.environ[tracking.PARENT_RUN_ENV] = parent_run
     os.environ[register.RUN_ID_ENV] = parent_run
+    uri = register.published_uri(config, FOLDERS[stage])
+    if uri and stage in ("sft", "dpo"):
+        # A retry of this task (KFP's, on whichever node) resumes from the checkpoints mirrored here.
+        os.environ[training.CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
     module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
     result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
     if tracking.unlogged():
         result["mlflow_unlogged"] = tracking.unlogged()
-    uri = register.published_uri(config, FOLDERS[stage])
     if uri:
         result["uri"] = storage.publish(Path(output), uri, config.storage.endpoint_url)
+        if stage in ("sft", "dpo"):
+            storage.delete(f"{uri}.checkpoints", config.storage.endpoint_url)
     return result
 
 
