@@ -149,8 +149,10 @@ GGUF_TOLERANCES = {
     "bf16": Tolerance(max_kl=0.01, min_argmax=0.95, min_top5=0.9),
     "q8_0": Tolerance(max_kl=0.05, min_argmax=0.9, min_top5=0.85),
     "q6_k": Tolerance(max_kl=0.05, min_argmax=0.85, min_top5=0.8),
-    "q5_k_m": Tolerance(max_kl=0.1, min_argmax=0.8, min_top5=0.75),
-    "q4_k_m": Tolerance(max_kl=0.2, min_argmax=0.75, min_top5=0.7),
+    # Small models lose more to 4-5 bit rounding, and a sharply fine-tuned one more than its base (SmolLM2-135M
+    # q4_k_m: 0.10 base, 0.17-0.21 after the quickstart); a broken conversion gives several nats.
+    "q5_k_m": Tolerance(max_kl=0.25, min_argmax=0.75, min_top5=0.7),
+    "q4_k_m": Tolerance(max_kl=0.35, min_argmax=0.75, min_top5=0.7),
 }
 
 
