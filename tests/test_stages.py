@@ -118,6 +118,21 @@ def test_dpo_after_lora_sft_uses_the_sft_adapter_as_reference(prepared, tmp_path
     assert not (tmp_path / "dpo" / "ref").exists()  # only the trained adapter is saved
 
 
+def test_sft_and_dpo_train_without_an_eval_split(tmp_path):
+    sources = [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(16)), write_jsonl(tmp_path / "pref.jsonl", preference_rows(8))]
+    config = make_config(tmp_path, sources, data={"eval_fraction": 0})
+    assert cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data").exit_code == 0
+    sft = cli("stage", "sft", "--config", config, "--input", f"data={tmp_path / 'data'}", "--output", tmp_path / "sft",
+              "--set", "sft.method=lora", "--set", "sft.max_steps=2")
+    assert sft.exit_code == 0, sft.stderr or sft.exception
+    dpo = cli("stage", "dpo", "--config", config, "--input", f"data={tmp_path / 'data'}", "--input", f"model={tmp_path / 'sft'}",
+              "--output", tmp_path / "dpo", "--set", "dpo.max_steps=2")
+    assert dpo.exit_code == 0, dpo.stderr or dpo.exception
+    for stage in ("sft", "dpo"):
+        metrics = json.loads((tmp_path / stage / "manifest.json").read_text())["metrics"]
+        assert "train_loss" in metrics and not any(k.startswith("eval") for k in metrics), metrics
+
+
 def test_unsloth_backend_says_why_it_cannot_run(prepared, tmp_path):
     config, data = prepared
     result = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", "--set", "sft.backend=unsloth")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
 
@@ -28,7 +29,11 @@ STAGE = "sft"
 
 def load_split(data_dir: Path, split: str, loss_on: str) -> Dataset:
     """The pre-tokenized rows from data-prep, with labels masked to what the config trains on."""
-    dataset = Dataset.from_parquet(str(data_dir / f"sft_{split}.parquet"))
+    path = data_dir / f"sft_{split}.parquet"
+    # datasets cannot read a parquet file without rows (data.eval_fraction 0 writes one).
+    if pq.ParquetFile(path).metadata.num_rows == 0:
+        return Dataset.from_dict({"input_ids": [], "labels": []})
+    dataset = Dataset.from_parquet(str(path))
 
     def add_labels(row: dict[str, Any]) -> dict[str, Any]:
         if loss_on == "all":
