@@ -68,7 +68,9 @@ class DataSettings(Strict):
 class LoraSettings(Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA inputs; drawing its masks is slow on the CPU."
+    )
     target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         "auto", description="auto: the attention and MLP projections of the model family."
     )
@@ -92,6 +94,9 @@ class TrainSettings(Strict):
         "auto", description="auto: bf16 where the hardware computes it fast (CUDA bf16, CPU avx512_bf16), else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto: eager on the CPU for rows up to 256 tokens, else the model's default."
+    )
     logging_steps: int = Field(5, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: once per epoch.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps.")

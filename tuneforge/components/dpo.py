@@ -81,6 +81,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         max_length=config.data.max_length,
     )
     lineage = tracking.inherit_lineage(sft_manifest, config)
+    training.score_only_labelled_positions()
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         trainer = DPOTrainer(
             model=model,
@@ -91,6 +92,9 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             peft_config=peft_config,
             callbacks=training.callbacks(settings, "dpo/", config.storage.endpoint_url),
         )
+        rows = trainer.train_dataset
+        longest = max(map(lambda p, c, r: len(p) + max(len(c), len(r)), rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+        lineage["attention"] = training.choose_attention(trainer.model, settings, longest)
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if has_eval:

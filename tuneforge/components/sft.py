@@ -119,6 +119,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         dataset_num_proc=None,
     )
     lineage = tracking.inherit_lineage(data_manifest, config)
+    lineage["attention"] = training.choose_attention(
+        model, settings, config.data.max_length if settings.packing else max(map(len, train["input_ids"]))
+    )
+    training.score_only_labelled_positions()
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
         trainer = SFTTrainer(
             model=model,

@@ -1,0 +1,222 @@
+"""SFT throughput: tuneforge's sft stage against the plain recipe a user would write from the TRL and PEFT docs,
+same model, same rows, same number of rows per optimizer step, in one run. Reports non-padding tokens per
+second, peak memory, useful FLOP/s as a share of this machine's matmul peak (measured in the same run), and
+the held-out loss of both results.
+
+    python benchmarks/sft_throughput.py [--rows 160] [--model smollm2-135m-instruct]
+
+The plain recipe (TRL "SFTTrainer" + PEFT "LoraConfig" quickstarts, as the TRL docs set it for a CPU or small
+GPU): the model loaded in fp32, LoRA r=16 alpha=32 dropout=0.05 on all linear layers, prompt/completion rows
+(loss on the completion), padded batches of 2 with 4 accumulation steps, gradient checkpointing on, bf16
+autocast, no packing. tuneforge runs `tuneforge stage sft` with the same LoRA settings, learning rate, rows
+per optimizer step (8) and number of steps.
+
+Useful FLOPs per non-padding token = 2N forward + 2N activation gradients (+ 2N weight gradients for weights
+that train), N = the parameters of the model's matmuls (every Linear, the LM head included, the embedding
+lookup not); attention scores and recomputation are not counted. LoRA trains only its adapters, so a LoRA
+token needs 4N + 6N_lora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "examples" / "data" / "extract_train.jsonl"
+ROWS_PER_STEP = 8
+EVAL_ROWS = 40
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LEARNING_RATE = 2e-4
+# tuneforge with its defaults, and with the plain recipe's LoRA dropout (tuneforge's default is 0).
+SIDES = ("plain", "tuneforge", "tuneforge-dropout")
+
+
+def rows(count: int, held_out: bool = False) -> list[dict]:
+    lines = DATA.read_text().splitlines()
+    chosen = lines[-EVAL_ROWS:] if held_out else lines[:count]
+    return [json.loads(line) for line in chosen]
+
+
+def as_prompt_completion(row: dict) -> dict:
+    # The same user turn tuneforge's data-prep builds from an alpaca row.
+    user = f"{row['instruction']}\n\n{row['input']}" if row.get("input", "").strip() else row["instruction"]
+    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": row["output"]}]}
+
+
+def model_path(name: str) -> str:
+    from tuneforge.config import BaseModelSettings
+    from tuneforge.models import resolve
+
+    return resolve(BaseModelSettings(source=name))
+
+
+def plain_recipe(model: str, count: int, output: Path) -> None:
+    """What the TRL and PEFT docs show, nothing more."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(os.cpu_count())
+    dataset = Dataset.from_list([as_prompt_completion(r) for r in rows(count)])
+    args = SFTConfig(
+        output_dir=str(output / "checkpoints"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+        gradient_checkpointing=True, bf16=True, use_cpu=True, packing=False, learning_rate=LEARNING_RATE,
+        max_steps=count // ROWS_PER_STEP, logging_steps=1, save_strategy="no", report_to="none", seed=42,
+    )
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args, train_dataset=dataset,
+                         peft_config=peft_config)
+    trainer.train()
+    trainer.model.save_pretrained(output / "adapter")
+    (output / "train_history.json").write_text(json.dumps(trainer.state.log_history))
+
+
+def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | None) -> list[str]:
+    """The data-prep output (not timed) and the sft command (timed); lora_dropout None keeps tuneforge's default."""
+    import yaml
+
+    (output / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(count)))
+    config = {
+        "name": "bench", "workdir": str(output / "work"), "base_model": {"source": model},
+        "data": {"sources": [{"path": str(output / "train.jsonl")}], "eval_fraction": 0.0, "max_length": 512},
+        "sft": {"method": "lora", "learning_rate": LEARNING_RATE, "max_steps": count // ROWS_PER_STEP,
+                "batch_size": ROWS_PER_STEP, "grad_accum": 1, "precision": "bf16", "logging_steps": 1,
+                # the plain recipe's schedule (SFTConfig's defaults), so that only the speed differs
+                "lr_scheduler": "linear", "warmup_ratio": 0.0,
+                "save_steps": 10_000, "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "target_modules": "all-linear"}},
+    }
+    if lora_dropout is not None:
+        config["sft"]["lora"]["dropout"] = lora_dropout
+    (output / "config.yaml").write_text(yaml.safe_dump(config))
+    tuneforge = [sys.executable, "-m", "tuneforge.cli", "stage"]
+    subprocess.run([*tuneforge, "data-prep", "--config", str(output / "config.yaml"), "--output", str(output / "data")],
+                   check=True, capture_output=True)
+    return [*tuneforge, "sft", "--config", str(output / "config.yaml"), "--input", f"data={output / 'data'}",
+            "--output", str(output / "sft")]
+
+
+def timed(command: list[str]) -> float:
+    """Peak RSS (MiB) of a command, from GNU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *command], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        return int(report.read().split()[-1]) / 1024
+
+
+def throughput(history_file: Path) -> tuple[float, float]:
+    """Non-padding tokens trained and the training loop's seconds, as the trainer logged them."""
+    history = json.loads(history_file.read_text())
+    tokens = max(e["num_tokens"] for e in history if "num_tokens" in e)
+    seconds = next(e["train_runtime"] for e in history if "train_runtime" in e)
+    return float(tokens), float(seconds)
+
+
+def held_out_loss(model: str, adapter: Path) -> float:
+    """Mean cross-entropy of the completion tokens of the held-out rows, in fp32, the same way for both."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    network = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in map(as_prompt_completion, rows(0, held_out=True)):
+            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"]
+            labels = torch.tensor([[-100] * len(prompt) + full[len(prompt):]])
+            loss = network(input_ids=torch.tensor([full]), labels=labels).loss
+            trained = int((labels[0, 1:] != -100).sum())
+            total, count = total + float(loss) * trained, count + trained
+    return total / count
+
+
+def matmul_peak(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of large square matmuls in a dtype on this machine, all cores."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    return 2 * size**3 * done / (time.perf_counter() - started)
+
+
+def matmul_parameters(model: str) -> tuple[int, int]:
+    """N (every Linear's weight, the LM head included once) and N_lora for the benchmark's LoRA settings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    network = AutoModelForCausalLM.from_pretrained(model)
+    linears = [m for name, m in network.named_modules() if isinstance(m, torch.nn.Linear)]
+    n = sum(m.weight.numel() for m in {id(m.weight): m for m in linears}.values())
+    n_lora = sum(LORA["r"] * (m.in_features + m.out_features) for name, m in network.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    return n, n_lora
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rows", type=int, default=160, help="rows trained on (a multiple of 8)")
+    parser.add_argument("--only", choices=SIDES, help="run one side (for profiling)")
+    parser.add_argument("--plain-recipe-worker", nargs=3, metavar=("MODEL", "ROWS", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_recipe_worker:
+        model, count, output = args.plain_recipe_worker
+        return plain_recipe(model, int(count), Path(output))
+
+    model = model_path(args.model)
+    work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    results = {}
+    for side in SIDES:
+        if args.only and side != args.only:
+            continue
+        output = work / side
+        output.mkdir()
+        if side == "plain":
+            command = [sys.executable, __file__, "--plain-recipe-worker", model, str(args.rows), str(output)]
+            history, adapter = output / "train_history.json", output / "adapter"
+        else:
+            command = tuneforge_stage(model, args.rows, output, LORA["dropout"] if side == "tuneforge-dropout" else None)
+            history, adapter = output / "sft" / "train_history.json", output / "sft"
+        peak = timed(command)
+        tokens, seconds = throughput(history)
+        results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak,
+                         "held_out_loss": held_out_loss(model, adapter)}
+        print(side, json.dumps(results[side]), flush=True)
+
+    n, n_lora = matmul_parameters(model)
+    peaks = {d: matmul_peak(d) for d in ("bfloat16", "float32")}
+    flops_per_token = 4 * n + 6 * n_lora
+    print(f"\nN = {n / 1e6:.1f}M matmul parameters, N_lora = {n_lora / 1e6:.2f}M; useful FLOPs/token = 4N + 6N_lora "
+          f"= {flops_per_token / 1e9:.3f} GFLOP; matmul peak bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, "
+          f"fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s\n")
+    print("| run | tokens | s | tokens/s | ratio | peak MiB | useful GFLOP/s | % of bf16 peak | held-out loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = results.get("plain", {}).get("tokens_per_s")
+    for side, r in results.items():
+        useful = r["tokens_per_s"] * flops_per_token
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {side} | {r['tokens']:.0f} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mib']:.0f} "
+              f"| {useful / 1e9:.0f} | {100 * useful / peaks['bfloat16']:.1f}% | {r['held_out_loss']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
