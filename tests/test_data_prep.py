@@ -106,6 +106,18 @@ def test_preference_answers_rendered_without_doubled_eos(tmp_path):
     assert pair["chosen"].startswith("good ") and pair["chosen"].endswith("<|im_end|>")
 
 
+def test_num_proc_gives_the_same_output_as_one_process(tmp_path):
+    sources = [write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30)), write_jsonl(tmp_path / "m.jsonl", MESSAGES),
+               write_jsonl(tmp_path / "t.jsonl", TEXT)]
+    config, outputs = make_config(tmp_path, sources), {1: tmp_path / "one", 2: tmp_path / "two"}
+    for procs, out in outputs.items():
+        result = cli("stage", "data-prep", "--config", config, "--output", out, "--set", f"data.num_proc={procs}")
+        assert result.exit_code == 0, result.stderr
+    for name in ("sft_train.parquet", "sft_eval.parquet"):
+        assert (outputs[2] / name).read_bytes() == (outputs[1] / name).read_bytes()
+    assert manifest(outputs[2])["lineage"]["special_tokens"] == manifest(outputs[1])["lineage"]["special_tokens"]
+
+
 def test_json_parquet_csv_files(tmp_path):
     rows = alpaca_rows(12)
     (tmp_path / "a.json").write_text(json.dumps({"data": rows[:4]}))

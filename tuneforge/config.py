@@ -63,6 +63,12 @@ class DataSettings(Strict):
         "fail", description="fail: a malformed row stops data-prep; skip: it is dropped and reported."
     )
     seed: int = 42
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description="Processes that render and tokenize the SFT rows, in contiguous chunks; null: one. "
+        "The output is the same for any number.",
+    )
 
 
 class LoraSettings(Strict):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +13,6 @@ from typing import Any
 
 import mlflow
 import requests
-from mlflow.entities import Metric
-from transformers import TrainerCallback
 
 import tuneforge
 from tuneforge.config import Config
@@ -105,7 +102,7 @@ def _unreachable(err: Exception) -> bool:
     )
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
 
 
@@ -126,7 +123,7 @@ def _retrying(what: str, call, *args, **kwargs):
             if now >= _give_up_at:
                 _gave_up = True
                 raise
-            log.warning("MLflow: %s failed (%s); retrying for up to %.0f s", what, _first_line(err), _give_up_at - now)
+            log.warning("MLflow: %s failed (%s); retrying for up to %.0f s", what, first_line(err), _give_up_at - now)
             time.sleep(min(5.0, _give_up_at - now))
 
 
@@ -142,7 +139,7 @@ def record(what: str, call, *args, **kwargs) -> bool:
     except Exception as err:
         if not _unreachable(err):
             raise
-        log.error("MLflow: could not log %s: %s", what, _first_line(err))
+        log.error("MLflow: could not log %s: %s", what, first_line(err))
         _unlogged.append(what)
         return False
 
@@ -172,7 +169,7 @@ def stage_run(config: Config, stage: str, lineage: dict[str, Any]) -> Iterator[m
         if _unreachable(err):
             raise TrackingError(
                 f"MLflow at {tracking_uri(config)} did not answer for {_retry_seconds:.0f} s (tracking.retry_seconds): "
-                f"{_first_line(err)}; the {stage} stage did not start"
+                f"{first_line(err)}; the {stage} stage did not start"
             ) from None
         raise
     status = "FAILED"
@@ -213,79 +210,3 @@ def set_lineage(lineage: dict[str, Any]) -> None:
     # The template itself travels in the manifests; its hash is the tag.
     tags = {f"lineage.{k}": str(v) for k, v in lineage.items() if v is not None and k != "chat_template"}
     mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("lineage.special_tokens")})
-
-
-class MlflowMetrics(TrainerCallback):
-    """Send the Trainer's logs to the stage's MLflow run from a background thread, so a slow or unreachable server
-    never holds up training: values that cannot be sent are kept and sent later; what is still unsent when training
-    ends is retried within tracking.retry_seconds and then reported as unlogged (train_history.json has it all)."""
-
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
-        self.run_id: str | None = None
-        self.pending: list[Metric] = []
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.stopped = threading.Event()
-        self.sender: threading.Thread | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and mlflow.active_run() and self.sender is None:
-            self.run_id = mlflow.active_run().info.run_id
-            self.sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
-            self.sender.start()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.run_id is None:
-            return
-        now = int(time.time() * 1000)
-        numbers = [Metric(f"{self.prefix}{k}", float(v), now, state.global_step)
-                   for k, v in (logs or {}).items() if isinstance(v, (int, float))]
-        with self.lock:
-            self.pending.extend(numbers)
-        if self.stopped.is_set():  # trainer.evaluate() after training: no sender any more
-            self.flush()
-        else:
-            self.wake.set()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.sender is not None:
-            self.stopped.set()
-            self.wake.set()
-            self.sender.join()
-            self.flush()
-
-    def flush(self) -> None:
-        while self.pending:
-            with self.lock:
-                steps = sorted({m.step for m in self.pending})
-                what = f"{len(self.pending)} metric values of steps {steps[0]}-{steps[-1]}"
-            if not record(what, self._send_some):
-                with self.lock:
-                    self.pending.clear()
-                return
-
-    def _send_some(self) -> None:
-        with self.lock:
-            batch = self.pending[:1000]  # MLflow's log_batch limit
-        mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=True)
-        with self.lock:
-            del self.pending[: len(batch)]
-
-    def _send_loop(self) -> None:
-        failing = False
-        while not self.stopped.is_set():
-            self.wake.wait(timeout=10)
-            self.wake.clear()
-            try:
-                while self.pending and not self.stopped.is_set():
-                    self._send_some()
-                if failing:
-                    log.info("MLflow answers again; the metrics kept meanwhile are sent")
-                failing = False
-            except Exception as err:
-                if not failing:
-                    log.warning("MLflow: sending metrics failed (%s); training goes on, they are kept and sent later",
-                                _first_line(err))
-                failing = True
-                self.stopped.wait(10)

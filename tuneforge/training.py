@@ -7,13 +7,17 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
+from mlflow.entities import Metric
 from transformers import TrainerCallback
 
-from tuneforge import storage
+from tuneforge import storage, tracking
 from tuneforge.config import LoraSettings, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -221,8 +225,6 @@ def lora_config(settings: LoraSettings, modules: list[str] | str):
 def callbacks(settings: TrainSettings, prefix: str, endpoint_url: str | None = None) -> list:
     from transformers import EarlyStoppingCallback
 
-    from tuneforge.tracking import MlflowMetrics
-
     found = [MlflowMetrics(prefix)]
     if os.environ.get(CHECKPOINT_URI_ENV):
         found.append(MirrorCheckpoints(os.environ[CHECKPOINT_URI_ENV], endpoint_url))
@@ -259,3 +261,79 @@ def set_adapter_base(folder: Path, base: str) -> None:
     adapter = json.loads(path.read_text())
     adapter["base_model_name_or_path"] = base
     path.write_text(json.dumps(adapter, indent=2))
+
+
+class MlflowMetrics(TrainerCallback):
+    """Send the Trainer's logs to the stage's MLflow run from a background thread, so a slow or unreachable server
+    never holds up training: values that cannot be sent are kept and sent later; what is still unsent when training
+    ends is retried within tracking.retry_seconds and then reported as unlogged (train_history.json has it all)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.run_id: str | None = None
+        self.pending: list[Metric] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.sender: threading.Thread | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and mlflow.active_run() and self.sender is None:
+            self.run_id = mlflow.active_run().info.run_id
+            self.sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+            self.sender.start()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.run_id is None:
+            return
+        now = int(time.time() * 1000)
+        numbers = [Metric(f"{self.prefix}{k}", float(v), now, state.global_step)
+                   for k, v in (logs or {}).items() if isinstance(v, (int, float))]
+        with self.lock:
+            self.pending.extend(numbers)
+        if self.stopped.is_set():  # trainer.evaluate() after training: no sender any more
+            self.flush()
+        else:
+            self.wake.set()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.sender is not None:
+            self.stopped.set()
+            self.wake.set()
+            self.sender.join()
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            with self.lock:
+                steps = sorted({m.step for m in self.pending})
+                what = f"{len(self.pending)} metric values of steps {steps[0]}-{steps[-1]}"
+            if not tracking.record(what, self._send_some):
+                with self.lock:
+                    self.pending.clear()
+                return
+
+    def _send_some(self) -> None:
+        with self.lock:
+            batch = self.pending[:1000]  # MLflow's log_batch limit
+        mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=True)
+        with self.lock:
+            del self.pending[: len(batch)]
+
+    def _send_loop(self) -> None:
+        failing = False
+        while not self.stopped.is_set():
+            self.wake.wait(timeout=10)
+            self.wake.clear()
+            try:
+                while self.pending and not self.stopped.is_set():
+                    self._send_some()
+                if failing:
+                    log.info("MLflow answers again; the metrics kept meanwhile are sent")
+                failing = False
+            except Exception as err:
+                if not failing:
+                    log.warning("MLflow: sending metrics failed (%s); training goes on, they are kept and sent later",
+                                tracking.first_line(err))
+                failing = True
+                self.stopped.wait(10)

@@ -10,12 +10,16 @@ token_lengths.png, data_report.json, manifest.json (chat template, its hash, spe
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
 import logging
+import multiprocessing
 import random
 import re
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,11 +328,45 @@ class Renderer:
         self.system_prompt = system_prompt
         self.special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         self.stop_tokens: set[str] = set()
+        self._stops_in: dict[str, set[str]] = {}
+        self._compiled = self._compiled_template()
 
-    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    def __getstate__(self) -> dict[str, Any]:  # for spawned workers: a compiled template does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compiled = self._compiled_template()
+
+    def _compiled_template(self):
+        """transformers' compiled (sandboxed, cached) template, rendered directly: apply_chat_template's per-call
+        overhead is larger than the rendering itself. Used only when it renders a probe exactly as
+        apply_chat_template does; otherwise every render goes through apply_chat_template."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+            self._template_kwargs = {"tools": None, "documents": None, **self.tokenizer.special_tokens_map}
+            probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+            for generation_prompt in (False, True):
+                direct = compiled.render(messages=probe, add_generation_prompt=generation_prompt,
+                                         **self._template_kwargs)
+                if direct != self._apply(probe, generation_prompt):
+                    return None
+            return compiled
+        except Exception:  # a private transformers API: any change there means the public path
+            return None
+
+    def _apply(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
         )
+
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        if self._compiled is None:
+            return self._apply(messages, generation_prompt)
+        return self._compiled.render(messages=messages, add_generation_prompt=generation_prompt,
+                                     **self._template_kwargs)
 
     def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         if self.system_prompt and messages[0]["role"] != "system":
@@ -347,13 +385,19 @@ class Renderer:
             if message["role"] != "assistant":
                 continue
             before = self.render(messages[:i], generation_prompt=True) if i else ""
-            upto = self.render(messages[: i + 1])
+            upto = full if i + 1 == len(messages) else self.render(messages[: i + 1])
             if not (full.startswith(before) and full.startswith(upto)):
                 raise chat_templates.TemplateError(
                     "the chat template renders a conversation differently from its first turns (it is not "
                     "prefix-stable), so the assistant tokens cannot be located; pick data.chat_template"
                 )
-            self.stop_tokens |= {t for t in self.special if t and t in upto[len(before) :].replace(message["content"], "")}
+            scaffold = upto[len(before) :].replace(message["content"], "")
+            stops = self._stops_in.get(scaffold)  # the template's text around an answer: mostly the same one
+            if stops is None:
+                stops = {t for t in self.special if t and t in scaffold}
+                if len(self._stops_in) < 256:
+                    self._stops_in[scaffold] = stops
+            self.stop_tokens |= stops
             spans.append((len(before), len(upto)))
         return full, spans
 
@@ -378,17 +422,79 @@ class Renderer:
 
 
 def tokenize_with_masks(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]):
+    """Token ids, and masks that are 1 for the (non-empty) tokens lying wholly inside one of a row's spans."""
     if not texts:
         return [], []
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    masks = []
-    for offsets, row_spans in zip(encoded["offset_mapping"], spans, strict=True):
-        masks.append([int(any(s <= a and b <= e for s, e in row_spans) and b > a) for a, b in offsets])
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    masks = [_mask(offsets, row_spans) for offsets, row_spans in zip(encoded["offset_mapping"], spans, strict=True)]
     return encoded["input_ids"], masks
 
 
-def _normalized_key(row: Row) -> str:
-    return re.sub(r"\s+", " ", row.key().lower()).strip()
+def _mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    if len(spans) == 1:
+        ((s, e),) = spans
+        return [1 if s <= a and b <= e and a < b else 0 for a, b in offsets]
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    ordered = all(s <= e for s, e in spans) and all(ends[i] <= starts[i + 1] for i in range(len(spans) - 1))
+    if not ordered:  # overlapping or unsorted: test every span
+        return [1 if a < b and any(s <= a and b <= e for s, e in spans) else 0 for a, b in offsets]
+    # Sorted, disjoint spans: only the last span starting at or before a token can hold it.
+    masks = []
+    for a, b in offsets:
+        i = bisect.bisect_right(starts, a) - 1
+        masks.append(1 if a < b and i >= 0 and b <= ends[i] else 0)
+    return masks
+
+
+# A worker's renderer: set before the pool starts (inherited by fork) or by _init_worker (spawn).
+_worker_renderer: Renderer | None = None
+
+
+def _init_worker(renderer: Renderer) -> None:
+    global _worker_renderer
+    _worker_renderer = renderer
+
+
+def _prepare_chunk(rows: list[Row]) -> tuple[list[tuple[str, list[int], list[int]]], set[str]]:
+    """Render and tokenize SFT rows: (text, input_ids, assistant_masks) each, and the stop tokens seen."""
+    renderer = _worker_renderer
+    renderer.stop_tokens = set()
+    rendered = [renderer.sft(r) for r in rows]
+    input_ids, masks = tokenize_with_masks(renderer.tokenizer, [t for t, _ in rendered], [s for _, s in rendered])
+    prepared = [(text, ids, mask) for (text, _), ids, mask in zip(rendered, input_ids, masks, strict=True)]
+    return prepared, renderer.stop_tokens
+
+
+def prepare_sft(renderer: Renderer, rows: list[Row], num_proc: int | None) -> list[tuple[str, list[int], list[int]]]:
+    """`_prepare_chunk` over all rows, in one process or in contiguous chunks over `num_proc` processes (the same
+    result either way: every row is rendered and tokenized on its own). Adds the stop tokens to the renderer's."""
+    global _worker_renderer
+    workers = min(num_proc or 1, len(rows))
+    _worker_renderer = renderer
+    stop_tokens = renderer.stop_tokens
+    try:
+        if workers <= 1:
+            prepared, seen = _prepare_chunk(rows)
+            stop_tokens |= seen
+            return prepared
+        size = -(-len(rows) // (workers * 4))  # a few chunks per process, so one slow chunk does not hold the rest
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        # fork: workers start at once with the renderer already loaded; elsewhere the platform's default.
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+        with context.Pool(workers, initializer=_init_worker, initargs=(renderer,)) as pool:
+            results = pool.map(_prepare_chunk, chunks, chunksize=1)
+        prepared = []
+        for chunk, seen in results:
+            prepared += chunk
+            stop_tokens |= seen
+        return prepared
+    finally:
+        renderer.stop_tokens = stop_tokens
+        _worker_renderer = None
+
+
+def _normalized_key(row: Row, key: str | None = None) -> str:
+    return re.sub(r"\s+", " ", (row.key() if key is None else key).lower()).strip()
 
 
 def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -464,6 +570,7 @@ def load_rows(sources: list[DataSource], on_error: str) -> tuple[list[Row], list
 
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     data = config.data
+    started = time.perf_counter()
     rows, skipped, formats = load_rows(data.sources, data.on_error)
     model_path = models.resolve(config.base_model)
     tokenizer = models.load_tokenizer(model_path, config.base_model)
@@ -474,7 +581,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     dropped: Counter = Counter()
     unique, seen_exact, seen_normalized = [], set(), set()
     for row in rows:
-        exact, normalized = row.key(), _normalized_key(row)
+        exact = row.key()
+        normalized = _normalized_key(row, exact)
         if data.dedupe and exact in seen_exact:
             dropped["duplicate_exact"] += 1
             continue
@@ -486,10 +594,9 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         unique.append(row)
 
     sft_rows = [r for r in unique if r.kind == "sft"]
-    rendered = [renderer.sft(r) for r in sft_rows]
-    input_ids, masks = tokenize_with_masks(tokenizer, [t for t, _ in rendered], [s for _, s in rendered])
+    prepared_at = time.perf_counter()
     sft_kept, lengths = [], []
-    for row, (text, _), ids, mask in zip(sft_rows, rendered, input_ids, masks, strict=True):
+    for row, (text, ids, mask) in zip(sft_rows, prepare_sft(renderer, sft_rows, data.num_proc), strict=True):
         prompt_tokens = mask.index(1) if 1 in mask else len(mask)
         if row.text is None and prompt_tokens >= data.max_length:
             message = (
@@ -535,6 +642,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     if config.sft.loss_on == "assistant" and sft_kept and all(all(r["assistant_masks"]) for r in sft_kept):
         log.warning("every SFT row is raw text: loss_on=assistant has no prompt to mask")
 
+    tokenized_at = time.perf_counter()
     sft_train, sft_eval = _split(sft_kept, data.eval_fraction, data.seed)
     pref_train, pref_eval = _split(pref_kept, data.eval_fraction, data.seed)
     template_sha = chat_templates.template_hash(template)
@@ -590,6 +698,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         )
         storage.write_manifest(out, STAGE, lineage, report)
     log.info("data-prep: %s", {k: v for k, v in report.items() if k != "skipped_rows"})
+    done = time.perf_counter()
+    seconds = {"read_dedupe": prepared_at - started, "render_tokenize": tokenized_at - prepared_at,
+               "write_track": done - tokenized_at, "total": done - started}
+    log.info("data-prep seconds: %s", json.dumps({k: round(v, 3) for k, v in seconds.items()}))
     return {"status": "succeeded", "metrics": report, "output": str(output)}
 
 

@@ -15,7 +15,7 @@ def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, s
     import json
     import logging
 
-    from tuneforge import storage, tracking, training
+    from tuneforge import storage, tracking
     from tuneforge.cli import STAGES
     from tuneforge.components import register
     from tuneforge.config import Config
@@ -29,7 +29,9 @@ def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, s
     uri = register.published_uri(config, FOLDERS[stage])
     if uri and stage in ("sft", "dpo"):
         # A retry of this task (KFP's, on whichever node) resumes from the checkpoints mirrored here.
-        os.environ[training.CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
+        from tuneforge.training import CHECKPOINT_URI_ENV  # imports torch: only for the training stages
+
+        os.environ[CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
     module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
     result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
     if tracking.unlogged():
