@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import LORA, matmul_parameters, matmul_peak, model_path, timed  # noqa: E402
+from sft_throughput import LORA, matmul_parameters, matmul_peak, model_path, print_table, timed, train_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "extract_preference.jsonl"
@@ -172,7 +172,7 @@ def main() -> None:
                                 "--input", f"model={start}", "--output", str(output / "dpo"))
             history, adapter = output / "dpo" / "train_history.json", output / "dpo"
         peak = timed(command)
-        seconds = next(e["train_runtime"] for e in json.loads(history.read_text()) if "train_runtime" in e)
+        seconds = train_seconds(history)
         results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak,
                          "held_out_dpo_loss": held_out_dpo_loss(start, adapter)}
         print(side, json.dumps(results[side]), flush=True)
@@ -182,15 +182,7 @@ def main() -> None:
     flops_per_token = 6 * n + 6 * n_lora
     print(f"\nN = {n / 1e6:.1f}M, N_lora = {n_lora / 1e6:.2f}M; useful FLOPs/token = 6N + 6N_lora = "
           f"{flops_per_token / 1e9:.3f} GFLOP; matmul peak bf16 {peak_bf16 / 1e9:.0f} GFLOP/s\n")
-    print("| run | tokens | s | tokens/s | ratio | peak MiB | useful GFLOP/s | % of bf16 peak | held-out DPO loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = results.get("plain", {}).get("tokens_per_s")
-    for side, r in results.items():
-        useful = r["tokens_per_s"] * flops_per_token
-        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {side} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mib']:.0f} "
-              f"| {useful / 1e9:.0f} | {100 * useful / peak_bf16:.1f}% | {r['held_out_dpo_loss']:.4f} |")
-
+    print_table(results, flops_per_token, peak_bf16, "held_out_dpo_loss", "held-out DPO loss")
 
 if __name__ == "__main__":
     main()

@@ -116,10 +116,13 @@ def timed(command: list[str]) -> float:
 
 def throughput(history_file: Path) -> tuple[float, float]:
     """Non-padding tokens trained and the training loop's seconds, as the trainer logged them."""
-    history = json.loads(history_file.read_text())
-    tokens = max(e["num_tokens"] for e in history if "num_tokens" in e)
-    seconds = next(e["train_runtime"] for e in history if "train_runtime" in e)
-    return float(tokens), float(seconds)
+    tokens = max(e["num_tokens"] for e in json.loads(history_file.read_text()) if "num_tokens" in e)
+    return float(tokens), train_seconds(history_file)
+
+
+def train_seconds(history_file: Path) -> float:
+    """The training loop's seconds, as the trainer logged them."""
+    return float(next(e["train_runtime"] for e in json.loads(history_file.read_text()) if "train_runtime" in e))
 
 
 def held_out_loss(model: str, adapter: Path) -> float:
@@ -208,15 +211,19 @@ def main() -> None:
     print(f"\nN = {n / 1e6:.1f}M matmul parameters, N_lora = {n_lora / 1e6:.2f}M; useful FLOPs/token = 4N + 6N_lora "
           f"= {flops_per_token / 1e9:.3f} GFLOP; matmul peak bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s, "
           f"fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s\n")
-    print("| run | tokens | s | tokens/s | ratio | peak MiB | useful GFLOP/s | % of bf16 peak | held-out loss |")
+    print_table(results, flops_per_token, peaks["bfloat16"], "held_out_loss", "held-out loss")
+
+
+def print_table(results: dict[str, dict], flops_per_token: float, peak: float, loss_key: str, loss_title: str) -> None:
+    """One markdown row per run, with the ratio to the plain recipe and the share of the bf16 matmul peak."""
+    print(f"| run | tokens | s | tokens/s | ratio | peak MiB | useful GFLOP/s | % of bf16 peak | {loss_title} |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = results.get("plain", {}).get("tokens_per_s")
     for side, r in results.items():
         useful = r["tokens_per_s"] * flops_per_token
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"| {side} | {r['tokens']:.0f} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mib']:.0f} "
-              f"| {useful / 1e9:.0f} | {100 * useful / peaks['bfloat16']:.1f}% | {r['held_out_loss']:.4f} |")
-
+              f"| {useful / 1e9:.0f} | {100 * useful / peak:.1f}% | {r[loss_key]:.4f} |")
 
 if __name__ == "__main__":
     main()

@@ -446,7 +446,7 @@ def _mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
     return masks
 
 
-# A worker's renderer: set before the pool starts (inherited by fork) or by _init_worker (spawn).
+# A pool worker's renderer, set by _init_worker.
 _worker_renderer: Renderer | None = None
 
 
@@ -455,10 +455,9 @@ def _init_worker(renderer: Renderer) -> None:
     _worker_renderer = renderer
 
 
-def _prepare_chunk(rows: list[Row]) -> tuple[list[tuple[str, list[int], list[int]]], set[str]]:
-    """Render and tokenize SFT rows: (text, input_ids, assistant_masks) each, and the stop tokens seen."""
-    renderer = _worker_renderer
-    renderer.stop_tokens = set()
+def _prepare_chunk(rows: list[Row], renderer: Renderer | None = None) -> tuple[list[tuple[str, list[int], list[int]]], set[str]]:
+    """Render and tokenize SFT rows: (text, input_ids, assistant_masks) each, and the renderer's stop tokens."""
+    renderer = renderer or _worker_renderer
     rendered = [renderer.sft(r) for r in rows]
     input_ids, masks = tokenize_with_masks(renderer.tokenizer, [t for t, _ in rendered], [s for _, s in rendered])
     prepared = [(text, ids, mask) for (text, _), ids, mask in zip(rendered, input_ids, masks, strict=True)]
@@ -468,33 +467,24 @@ def _prepare_chunk(rows: list[Row]) -> tuple[list[tuple[str, list[int], list[int
 def prepare_sft(renderer: Renderer, rows: list[Row], num_proc: int | None) -> list[tuple[str, list[int], list[int]]]:
     """`_prepare_chunk` over all rows, in one process or in contiguous chunks over `num_proc` processes (the same
     result either way: every row is rendered and tokenized on its own). Adds the stop tokens to the renderer's."""
-    global _worker_renderer
     workers = min(num_proc or 1, len(rows))
-    _worker_renderer = renderer
-    stop_tokens = renderer.stop_tokens
-    try:
-        if workers <= 1:
-            prepared, seen = _prepare_chunk(rows)
-            stop_tokens |= seen
-            return prepared
-        size = -(-len(rows) // (workers * 4))  # a few chunks per process, so one slow chunk does not hold the rest
-        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
-        # fork: workers start at once with the renderer already loaded; elsewhere the platform's default.
-        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-        with context.Pool(workers, initializer=_init_worker, initargs=(renderer,)) as pool:
-            results = pool.map(_prepare_chunk, chunks, chunksize=1)
-        prepared = []
-        for chunk, seen in results:
-            prepared += chunk
-            stop_tokens |= seen
-        return prepared
-    finally:
-        renderer.stop_tokens = stop_tokens
-        _worker_renderer = None
+    if workers <= 1:
+        return _prepare_chunk(rows, renderer)[0]
+    size = -(-len(rows) // (workers * 4))  # a few chunks per process, so one slow chunk does not hold the rest
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    # fork: workers start at once with the renderer already loaded; elsewhere the platform's default.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    with context.Pool(workers, initializer=_init_worker, initargs=(renderer,)) as pool:
+        results = pool.map(_prepare_chunk, chunks, chunksize=1)
+    prepared = []
+    for chunk, seen in results:
+        prepared += chunk
+        renderer.stop_tokens |= seen
+    return prepared
 
 
-def _normalized_key(row: Row, key: str | None = None) -> str:
-    return re.sub(r"\s+", " ", (row.key() if key is None else key).lower()).strip()
+def _normalized_key(key: str) -> str:
+    return re.sub(r"\s+", " ", key.lower()).strip()
 
 
 def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -582,7 +572,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     unique, seen_exact, seen_normalized = [], set(), set()
     for row in rows:
         exact = row.key()
-        normalized = _normalized_key(row, exact)
+        normalized = _normalized_key(exact)
         if data.dedupe and exact in seen_exact:
             dropped["duplicate_exact"] += 1
             continue

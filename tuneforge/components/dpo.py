@@ -93,7 +93,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             callbacks=training.callbacks(settings, "dpo/", config.storage.endpoint_url),
         )
         rows = trainer.train_dataset
-        longest = max(map(lambda p, c, r: len(p) + max(len(c), len(r)), rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+        longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
         lineage["attention"] = training.choose_attention(trainer.model, settings, longest)
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}

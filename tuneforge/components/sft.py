@@ -120,7 +120,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     )
     lineage = tracking.inherit_lineage(data_manifest, config)
     lineage["attention"] = training.choose_attention(
-        model, settings, config.data.max_length if settings.packing else max(map(len, train["input_ids"]))
+        model, settings, config.data.max_length if settings.packing else data_manifest["metrics"]["token_length_max"]
     )
     training.score_only_labelled_positions()
     with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
