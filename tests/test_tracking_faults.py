@@ -86,7 +86,7 @@ def test_metrics_logged_during_an_outage_reach_mlflow_when_it_returns(prepared, 
     assert process.returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert "mlflow_unlogged" not in result
-    assert "Connection refused" in stderr  # the stage did meet the outage
+    assert "MLflow: sending metrics failed" in stderr  # the stage did meet the outage (the error text varies)
 
     client = mlflow.MlflowClient(server.url)
     run = client.get_run(run_id)
