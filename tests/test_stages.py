@@ -100,6 +100,8 @@ def test_sft_methods_then_merge(prepared, tmp_path, sft_settings, check):
     assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
     manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
     assert manifest["lineage"]["kind"] == "adapter" and manifest["metrics"]["steps"] == 4
+    # backend: auto (the default) reports what it chose and why.
+    assert manifest["lineage"]["backend"] == "hf" and "no CUDA GPU" in manifest["lineage"]["backend_reason"]
     assert not (tmp_path / "sft.checkpoints").exists()
     merged = cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged")
     assert merged.exit_code == 0, merged.stderr or merged.exception
@@ -133,12 +135,15 @@ def test_sft_and_dpo_train_without_an_eval_split(tmp_path):
         assert "train_loss" in metrics and not any(k.startswith("eval") for k in metrics), metrics
 
 
-def test_unsloth_backend_says_why_it_cannot_run(prepared, tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_unsloth_backend_says_why_it_cannot_run(prepared, tmp_path, stage):
     config, data = prepared
-    result = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", "--set", "sft.backend=unsloth")
+    inputs = ["--input", f"data={data}"] + (["--input", f"model={tmp_path}"] if stage == "dpo" else [])
+    result = cli("stage", stage, "--config", config, *inputs, "--output", tmp_path / stage, "--set", f"{stage}.backend=unsloth")
     assert result.exit_code == 2
-    assert "unsloth needs a CUDA GPU" in result.stderr and "sft.backend: hf" in result.stderr
-    assert_no_output(tmp_path / "sft")
+    assert f"{stage}.backend: unsloth cannot run here: no CUDA GPU is visible" in result.stderr
+    assert f"set {stage}.backend: hf" in result.stderr
+    assert_no_output(tmp_path / stage)
 
 
 def test_all_ones_loss_mask_fails_before_training(tmp_path):

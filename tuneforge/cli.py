@@ -34,6 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.components.data_prep import DataError
     from tuneforge.components.merge import MergeCheckError
     from tuneforge.config import ConfigError
+    from tuneforge.distributed import LaunchError
     from tuneforge.gguf import ExportError
     from tuneforge.models import ModelLoadError
     from tuneforge.registry import RegistryError
@@ -42,7 +43,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.tracking import TrackingError
     from tuneforge.training import TrainingSetupError
 
-    return (ConfigError, DataError, ExportError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError,
+    return (ConfigError, DataError, ExportError, LaunchError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError,
             TrainingSetupError, TrackingError, StorageError, RegistryError, ServiceError)
 
 
@@ -112,6 +113,10 @@ def stage(
     if missing:
         _fail(f"stage {name} needs --input {' --input '.join(f'{k}=PATH' for k in missing)}")
     cfg = _load(config, set_)
+    if name in ("sft", "dpo"):
+        from tuneforge import backends
+
+        backends.import_unsloth_first(getattr(cfg, name))
     module = importlib.import_module(f"tuneforge.components.{module_name}")
     try:
         # Libraries print progress to stdout; keep stdout for the JSON result alone.

@@ -84,6 +84,32 @@ class LoraSettings(Strict):
     use_rslora: bool = False
 
 
+class DistributedSettings(Strict):
+    """Training on several processes: GPUs of one node, or several nodes through Kubeflow Trainer."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = Field(
+        "ddp", description="ddp: a full copy per process; fsdp: parameters, gradients and optimizer state sharded "
+        "(PyTorch FSDP); deepspeed_zero3: the same with DeepSpeed ZeRO stage 3 (needs deepspeed installed)."
+    )
+    processes: int | Literal["auto"] = Field(
+        "auto", description="Processes per node, started with torchrun; auto: one per GPU the stage's pod has "
+        "(cluster.resources.STAGE.gpus), one on a machine without GPUs."
+    )
+    nodes: int = Field(
+        1, ge=1, description="Nodes; above 1 the pipeline hands the stage to Kubeflow Trainer as a TrainJob "
+        "(or a PyTorchJob, see engine) and waits for it. Needs storage.uri."
+    )
+    engine: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob", description="For nodes > 1: trainjob (Kubeflow Trainer v2, trainer.kubeflow.org) or pytorchjob "
+        "(Training Operator v1, kubeflow.org)."
+    )
+    runtime: str = Field("torch-distributed", description="The ClusterTrainingRuntime a TrainJob refers to.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Merged over the built-in fsdp_config (fsdp) or DeepSpeed config "
+        "(deepspeed_zero3), e.g. {offload_optimizer: {device: cpu}}."
+    )
+
+
 class TrainSettings(Strict):
     """What SFT and DPO share: the optimisation loop."""
 
@@ -100,6 +126,10 @@ class TrainSettings(Strict):
         "auto", description="auto: bf16 where the hardware computes it fast (CUDA bf16, CPU avx512_bf16), else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "auto", description="auto: paged 8-bit AdamW (bitsandbytes) for qlora on a CUDA GPU, else AdamW. "
+        "8-bit and paged optimizers need a CUDA GPU."
+    )
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto: eager on the CPU for rows up to 256 tokens, else the model's default."
     )
@@ -115,11 +145,15 @@ class TrainSettings(Strict):
     )
     seed: int = 42
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="unsloth: Unsloth's kernels (a CUDA GPU and the unsloth package); hf: transformers/peft; "
+        "auto: unsloth where it can run, else hf (the choice and why are logged and recorded in the manifest)."
+    )
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
 
 
 class SftSettings(TrainSettings):
     method: Literal["full", "lora", "qlora"] = "lora"
-    backend: Literal["hf", "unsloth"] = Field("hf", description="unsloth needs a CUDA GPU.")
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="assistant: only assistant/completion tokens count; all: every token."
     )
@@ -131,7 +165,6 @@ class DpoSettings(TrainSettings):
     learning_rate: float = Field(5e-5, gt=0)
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = "sigmoid"
-    backend: Literal["hf", "unsloth"] = "hf"
 
 
 class MergeSettings(Strict):
@@ -286,6 +319,13 @@ class Config(Strict):
     def _check_combinations(self) -> Config:
         if self.sft.method == "qlora" and self.sft.precision == "fp16":
             raise ValueError("sft.precision: fp16 with qlora is unstable; use bf16 or auto")
+        for stage in ("sft", "dpo"):
+            settings: TrainSettings = getattr(self, stage)
+            if settings.distributed.nodes > 1 and not self.storage.uri:
+                raise ValueError(f"{stage}.distributed.nodes > 1 needs storage.uri: the nodes exchange inputs "
+                                 "and outputs through S3")
+            if settings.distributed.nodes > 1 and settings.backend == "unsloth":
+                raise ValueError(f"{stage}.backend: unsloth trains on one GPU; set {stage}.backend: hf for several nodes")
         return self
 
     def hash(self) -> str:

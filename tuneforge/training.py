@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from mlflow.entities import Metric
 from transformers import TrainerCallback
 
 from tuneforge import storage, tracking
-from tuneforge.config import LoraSettings, TrainSettings
+from tuneforge.config import Config, LoraSettings, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +48,6 @@ def precision(settings: TrainSettings) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def require_backend(backend: str, stage: str) -> None:
-    """Unsloth only runs on CUDA GPUs; say so instead of quietly training with the hf backend."""
-    if backend == "hf":
-        return
-    if not torch.cuda.is_available():
-        raise TrainingSetupError(
-            f"{stage}.backend: unsloth needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
-            f"set {stage}.backend: hf to train on this machine"
-        )
-    raise TrainingSetupError(
-        f"{stage}.backend: unsloth is not available in this version of tuneforge; set {stage}.backend: hf"
-    )
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -167,8 +156,22 @@ def score_only_labelled_positions() -> None:
     trl_utils._use_triton = compact_on_cpu
 
 
-def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool) -> dict[str, Any]:
+def optimizer(settings: TrainSettings, quantized: bool) -> str:
+    """auto: paged 8-bit AdamW for a 4-bit model on a GPU (QLoRA's recipe: optimizer state in 8 bits, paged to host
+    memory under pressure); AdamW otherwise. bitsandbytes' 8-bit and paged optimizers are CUDA kernels."""
+    if settings.optimizer == "auto":
+        return "paged_adamw_8bit" if quantized and torch.cuda.is_available() else "adamw_torch"
+    if "8bit" in settings.optimizer or "paged" in settings.optimizer:
+        if not torch.cuda.is_available():
+            raise TrainingSetupError(f"optimizer {settings.optimizer} needs a CUDA GPU (bitsandbytes); use adamw_torch "
+                                     "or auto on the CPU")
+    return settings.optimizer
+
+
+def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool, quantized: bool = False) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig."""
+    from tuneforge import distributed
+
     mode = precision(settings)
     eval_steps = settings.eval_steps or settings.save_steps
     early_stopping = settings.early_stopping_patience is not None
@@ -192,6 +195,7 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool
         fp16=mode == "fp16",
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=settings.gradient_checkpointing,
+        optim=optimizer(settings, quantized),
         logging_steps=settings.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
@@ -204,7 +208,7 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool
         seed=settings.seed,
         data_seed=settings.seed,
         report_to="none",
-    )
+    ) | distributed.sharding_arguments(settings)
 
 
 def lora_config(settings: LoraSettings, modules: list[str] | str):
@@ -253,6 +257,40 @@ def save_history(log_history: list[dict[str, Any]], folder: Path, title: str) ->
     fig.tight_layout()
     fig.savefig(folder / "loss_curve.png", dpi=100)
     plt.close(fig)
+
+
+def compute_dtype(settings: TrainSettings) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision(settings)]
+
+
+@contextlib.contextmanager
+def stage_outputs(config: Config, stage: str, lineage: dict[str, Any], output: Path) -> Iterator[tuple[Any, Path]]:
+    """The stage's MLflow run and its staged output folder. Under torchrun only the main process has them; the others
+    get no run and a scratch folder, and the main process alone writes the output."""
+    from tuneforge import distributed
+
+    if distributed.is_main_process():
+        with tracking.stage_run(config, stage, lineage) as mlrun, storage.staged_output(output) as out:
+            yield mlrun, out
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"tuneforge-{stage}-rank-") as scratch:
+            yield None, Path(scratch)
+
+
+def main_process_first():
+    """For work on this node's disk that all processes need (fetching mirrored checkpoints): the first does it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).local_main_process_first()
+
+
+def save_trained(trainer, folder: Path, **save_options) -> None:
+    """Save the trained weights; every process calls this. Under FSDP or DeepSpeed ZeRO-3 the full weights are
+    gathered from all processes first; only the main process writes."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True, **save_options)
 
 
 def set_adapter_base(folder: Path, base: str) -> None:

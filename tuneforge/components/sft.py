@@ -1,4 +1,5 @@
-"""Stage sft: supervised fine-tuning with trl's SFTTrainer (full, LoRA or QLoRA).
+"""Stage sft: supervised fine-tuning with trl's SFTTrainer (full, LoRA or QLoRA), on the hf or the Unsloth backend,
+in one process or several (`sft.distributed`: the stage starts itself again under torchrun).
 
 Inputs: data (a data-prep output).
 Outputs: the adapter (LoRA/QLoRA) or full weights, with the tokenizer and the training chat template,
@@ -9,6 +10,7 @@ run resumes (`resume: auto`); they are removed when the stage succeeds.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
 
-from tuneforge import models, storage, tracking, training
+from tuneforge import backends, distributed, models, storage, tracking, training
 from tuneforge.config import Config
 from tuneforge.training import TrainingSetupError
 
@@ -77,17 +79,22 @@ def load_for_training(config: Config, model_path: str):
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,
     )
-    model = models.load_model(model_path, config.base_model, dtype=compute, quantization_config=quantization)
+    # Under torchrun each process puts its copy on its own GPU.
+    placement = {"device_map": {"": int(os.environ["LOCAL_RANK"])}} if distributed.launched() and torch.cuda.is_available() else {}
+    model = models.load_model(model_path, config.base_model, dtype=compute, quantization_config=quantization, **placement)
     # On CPUs with avx512_bf16 any eval-mode forward repacks the 4-bit weights in place and later training
     # silently loses its gradients, so the 4-bit model must never run in eval mode before or during training.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
 
 
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
+    settings = config.sft
+    if distributed.needs_launch(settings):
+        return distributed.launch(STAGE, config, inputs, output)
     from trl import SFTConfig, SFTTrainer
 
-    settings = config.sft
-    training.require_backend(settings.backend, STAGE)
+    backend, why = backends.choose(settings, STAGE, int(os.environ.get("WORLD_SIZE", "1")))
+    log.info("backend: %s (%s)", backend, why)
     data_dir = Path(inputs["data"])
     data_manifest = storage.read_manifest(data_dir, "data-prep")
     train = load_split(data_dir, "train", settings.loss_on)
@@ -105,25 +112,35 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     tokenizer = models.load_tokenizer(model_path, config.base_model)
     tokenizer.chat_template = data_manifest["lineage"]["chat_template"]
     checkpoints = training.checkpoint_dir(output)
-    resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
+    with training.main_process_first():
+        resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
     torch.manual_seed(settings.seed)
-    model = load_for_training(config, model_path)
+    longest = config.data.max_length if settings.packing else data_manifest["metrics"]["token_length_max"]
     peft_config = None
-    if settings.method in ("lora", "qlora"):
-        peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
+    if backend == "unsloth":
+        model = backends.unsloth_load(model_path, config.base_model, settings, max_length=config.data.max_length,
+                                      dtype=training.compute_dtype(settings), four_bit=settings.method == "qlora",
+                                      full=settings.method == "full")
+        if settings.method != "full":
+            modules = models.target_modules(model, settings.lora.target_modules)
+            model = backends.unsloth_lora(model, settings.lora, modules, settings, config.data.max_length)
+        attention = "unsloth"
+    else:
+        model = load_for_training(config, model_path)
+        if settings.method in ("lora", "qlora"):
+            peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
+        attention = training.choose_attention(model, settings, longest)
 
     args = SFTConfig(
-        **training.trainer_arguments(settings, checkpoints, has_eval),
+        **training.trainer_arguments(settings, checkpoints, has_eval, quantized=settings.method == "qlora"),
         max_length=config.data.max_length,
         packing=settings.packing,
         dataset_num_proc=None,
     )
     lineage = tracking.inherit_lineage(data_manifest, config)
-    lineage["attention"] = training.choose_attention(
-        model, settings, config.data.max_length if settings.packing else data_manifest["metrics"]["token_length_max"]
-    )
+    lineage.update(attention=attention, backend=backend, backend_reason=why, **distributed.describe(settings))
     training.score_only_labelled_positions()
-    with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
+    with training.stage_outputs(config, STAGE, lineage, output) as (mlrun, out):
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -138,18 +155,18 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
         if has_eval:
             metrics.update(trainer.evaluate())
-        trainer.model.save_pretrained(out, safe_serialization=True)
-        models.save_tokenizer(tokenizer, out, model_path)
-        kind = "full" if peft_config is None else "adapter"
-        if kind == "adapter":
-            training.set_adapter_base(out, config.base_model.source)
-        training.save_history(trainer.state.log_history, out, f"SFT ({settings.method})")
-        tracking.record(f"artifact {STAGE}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"),
-                        artifact_path=STAGE)
-        tracking.record("the final metrics", mlflow.log_metrics,
-                        {f"sft/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        lineage.update(kind=kind, method=settings.method, **tracking.run_record(mlrun))
-        storage.write_manifest(out, STAGE, lineage, metrics)
+        training.save_trained(trainer, out)
+        if distributed.is_main_process():
+            models.save_tokenizer(tokenizer, out, model_path)
+            kind = "full" if settings.method == "full" else "adapter"
+            if kind == "adapter":
+                training.set_adapter_base(out, config.base_model.source)
+            training.save_history(trainer.state.log_history, out, f"SFT ({settings.method})")
+            tracking.record(f"artifact {STAGE}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"),
+                            artifact_path=STAGE)
+            tracking.record("the final metrics", mlflow.log_metrics,
+                            {f"sft/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            lineage.update(kind=kind, method=settings.method, **tracking.run_record(mlrun))
+            storage.write_manifest(out, STAGE, lineage, metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return {"status": "succeeded", "metrics": metrics, "output": str(output)}
-

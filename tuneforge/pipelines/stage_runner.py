@@ -32,11 +32,15 @@ def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, s
         from tuneforge.training import CHECKPOINT_URI_ENV  # imports torch: only for the training stages
 
         os.environ[CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
+    if stage in ("sft", "dpo"):
+        from tuneforge import backends
+
+        backends.import_unsloth_first(getattr(config, stage))
     module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
     result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
     if tracking.unlogged():
         result["mlflow_unlogged"] = tracking.unlogged()
-    if uri:
+    if uri and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the main process alone writes the output
         result["uri"] = storage.publish(Path(output), uri, config.storage.endpoint_url)
         if stage in ("sft", "dpo"):
             storage.delete(f"{uri}.checkpoints", config.storage.endpoint_url)

@@ -1,0 +1,106 @@
+"""The training backend of sft and dpo: transformers + peft (`hf`) or Unsloth's kernels (`unsloth`).
+
+Both hand their model to the same TRL trainers and save through the same code, so the outputs (a peft adapter or
+full weights, the tokenizer, the manifest) have the same form and merge, evaluate and export-gguf take either.
+Unsloth patches transformers, peft and trl when it is imported, so it is imported before them
+(`import_unsloth_first`, called by the CLI and the pipeline before a training stage's module is loaded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+
+from tuneforge.config import BaseModelSettings, LoraSettings, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+def unsloth_missing() -> str | None:
+    """Why Unsloth cannot run in this process, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("unsloth") is None:
+        return "the unsloth package is not installed (the tuneforge-cuda image has it: pip install unsloth)"
+    return None
+
+
+def import_unsloth_first(settings: TrainSettings) -> None:
+    if settings.backend != "hf" and unsloth_missing() is None:
+        import unsloth  # noqa: F401
+
+
+def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, str]:
+    """The backend to train with and why; a backend set explicitly that cannot run here is an error."""
+    why_not = unsloth_missing()
+    if processes > 1:
+        why_not = f"Unsloth trains on one GPU and this stage runs {processes} processes"
+    if settings.backend == "hf":
+        return "hf", "set in the config"
+    if settings.backend == "unsloth":
+        if why_not:
+            from tuneforge.training import TrainingSetupError
+
+            raise TrainingSetupError(f"{stage}.backend: unsloth cannot run here: {why_not}; set {stage}.backend: hf "
+                                     "(or auto, which picks unsloth where it can run)")
+        return "unsloth", "set in the config"
+    if why_not:
+        return "hf", f"auto: {why_not}"
+    return "unsloth", "auto: a CUDA GPU and the unsloth package are present"
+
+
+def unsloth_load(path: str, model: BaseModelSettings, settings: TrainSettings, *, max_length: int, dtype: torch.dtype,
+                 four_bit: bool, full: bool):
+    """FastLanguageModel.from_pretrained; a model Unsloth cannot take is refused with its reason."""
+    from unsloth import FastLanguageModel
+
+    from tuneforge.training import TrainingSetupError
+
+    try:
+        loaded, _tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=max_length,
+            dtype=dtype,
+            load_in_4bit=four_bit,
+            full_finetuning=full,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+        )
+    except (NotImplementedError, ValueError, KeyError, RuntimeError) as exc:
+        raise TrainingSetupError(f"Unsloth cannot load {path}: {exc}; set backend: hf to train it with transformers") from None
+    return loaded
+
+
+def unsloth_lora(model, lora: LoraSettings, modules: list[str] | str, settings: TrainSettings, max_length: int):
+    """Unsloth's get_peft_model: its fused LoRA kernels, and its gradient checkpointing, which offloads activations
+    to host memory (Unsloth's default; long rows fit in much less VRAM for a few percent of speed)."""
+    from unsloth import FastLanguageModel
+
+    options: dict[str, Any] = dict(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=modules,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=settings.seed,
+        use_rslora=lora.use_rslora,
+        max_seq_length=max_length,
+    )
+    if lora.use_dora:
+        options["use_dora"] = True
+    return FastLanguageModel.get_peft_model(model, **options)
+
+
+def patch_dpo_trainer() -> None:
+    """Unsloth's faster DPO step; applied before trl's DPOTrainer is used."""
+    import unsloth
+
+    patch = getattr(unsloth, "PatchDPOTrainer", None)
+    if patch is not None:
+        patch()
+    else:
+        log.warning("this unsloth build has no PatchDPOTrainer; DPO runs with trl's own step on Unsloth's model")
