@@ -49,19 +49,23 @@ def is_main_process() -> bool:
 
 def launch(stage: str, config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     """Run the stage under torchrun on this node and return the main process's result (from its manifest)."""
-    count = processes_per_node(config.sft if stage == "sft" else config.dpo)
+    settings = config.sft if stage == "sft" else config.dpo
+    count = processes_per_node(settings)
+    check_strategy(settings)
     with tempfile.TemporaryDirectory(prefix="tuneforge-launch-") as folder:
         config_file = Path(folder) / "config.json"
         config_file.write_text(config.model_dump_json())
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
                    "-m", "tuneforge.cli", "stage", stage, "--config", str(config_file), "--output", str(output),
                    *[f"--input={key}={path}" for key, path in inputs.items()]]
-        log.info("%s: starting %d processes with torchrun (%s)", stage, count,
-                 (config.sft if stage == "sft" else config.dpo).distributed.strategy)
-        # The processes print their JSON results to stdout; the one that counts is read from the manifest.
-        finished = subprocess.run(command, stdout=sys.stderr, check=False)
-    if finished.returncode != 0:
-        raise LaunchError(f"{stage}: torchrun with {count} processes failed (exit code {finished.returncode}); "
+        log.info("%s: starting %d processes with torchrun (%s)", stage, count, settings.distributed.strategy)
+        # Their output goes to this process's log as it comes (stdout included: each prints its JSON result there,
+        # and the one that counts is read from the manifest).
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as processes:
+            for line in processes.stdout:
+                sys.stderr.write(line)
+    if processes.returncode != 0:
+        raise LaunchError(f"{stage}: torchrun with {count} processes failed (exit code {processes.returncode}); "
                           "the failing process's error is in the log above")
     manifest = storage.read_manifest(Path(output), stage)
     return {"status": "succeeded", "metrics": manifest["metrics"], "output": str(output), "processes": count}
@@ -102,6 +106,16 @@ def merged(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return result
 
 
+def check_strategy(settings: TrainSettings) -> None:
+    from tuneforge.training import TrainingSetupError
+
+    strategy = settings.distributed.strategy
+    if strategy != "ddp" and not torch.cuda.is_available():
+        # accelerate shards with FSDP or DeepSpeed on accelerators only; on CPUs it would quietly fall back to DDP.
+        raise TrainingSetupError(f"distributed.strategy {strategy} shards across GPUs and none is visible; "
+                                 "use distributed.strategy: ddp on the CPU")
+
+
 def sharding_arguments(settings: TrainSettings) -> dict[str, Any]:
     """TrainingArguments for the chosen strategy when the stage runs in several processes (one process ignores it, so
     a config written for a GPU node also runs on a laptop)."""
@@ -110,10 +124,7 @@ def sharding_arguments(settings: TrainSettings) -> dict[str, Any]:
     chosen = settings.distributed
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return {}
-    if chosen.strategy != "ddp" and not torch.cuda.is_available():
-        # accelerate shards with FSDP or DeepSpeed on accelerators only; on CPUs it would quietly fall back to DDP.
-        raise TrainingSetupError(f"distributed.strategy {chosen.strategy} shards across GPUs and none is visible; "
-                                 "use distributed.strategy: ddp on the CPU")
+    check_strategy(settings)
     if chosen.strategy == "fsdp":
         # FSDP's own activation checkpointing: the Trainer's would add an all-gather to every backward pass.
         fsdp_config = merged(FSDP_DEFAULTS | {"activation_checkpointing": settings.gradient_checkpointing}, chosen.options)
