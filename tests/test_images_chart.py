@@ -194,7 +194,7 @@ def compiled_images(tmp_path: Path, env: dict[str, str]) -> set[str]:
     result = subprocess.run([str(BIN / "tuneforge"), "compile", str(ROOT / "examples" / "tiny.yaml"), "-o", str(output), *sets],
                             capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    return set(re.findall(r"image: (\S+)", output.read_text()))
+    return set(re.findall(r"\bimage: (\S+)", output.read_text()))
 
 
 @pytest.mark.parametrize("names", [{}, {"TUNEFORGE_REGISTRY": "registry.example.com/ml", "TUNEFORGE_IMAGE_TAG": "2026.11.30"}],
@@ -243,9 +243,14 @@ def test_default_render_is_valid_kubernetes(helm):
         "ConfigMap/tf-tuneforge-runs", "Deployment/tf-tuneforge-mlflow", "NetworkPolicy/tf-tuneforge-mlflow",
         "NetworkPolicy/tf-tuneforge-seaweedfs", "PersistentVolumeClaim/tf-tuneforge-mlflow-store",
         "Role/tf-tuneforge-submit", "RoleBinding/tf-tuneforge-submit", "Secret/tuneforge-mlflow", "Secret/tuneforge-s3",
+        "Role/tf-tuneforge-training-jobs", "RoleBinding/tf-tuneforge-training-jobs",
         "Service/tf-tuneforge-mlflow", "Service/tf-tuneforge-seaweedfs", "ServiceAccount/tuneforge",
         "StatefulSet/tf-tuneforge-seaweedfs"])
     by_name = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    # KFP's task account may create and follow the Kubeflow Trainer jobs of multi-node stages.
+    jobs = by_name["Role/tf-tuneforge-training-jobs"]["rules"]
+    assert {"trainer.kubeflow.org", "kubeflow.org"} <= {g for rule in jobs for g in rule["apiGroups"]}
+    assert by_name["RoleBinding/tf-tuneforge-training-jobs"]["subjects"][0]["name"] == "default-editor"
     # The Secrets carry the names and keys a run config's `cluster` section reads by default.
     defaults = ClusterSettings()
     s3 = by_name[f"Secret/{defaults.s3_secret}"]["stringData"]

@@ -101,7 +101,7 @@ def test_sft_methods_then_merge(prepared, tmp_path, sft_settings, check):
     manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
     assert manifest["lineage"]["kind"] == "adapter" and manifest["metrics"]["steps"] == 4
     # backend: auto (the default) reports what it chose and why.
-    assert manifest["lineage"]["backend"] == "hf" and "no CUDA GPU" in manifest["lineage"]["backend_reason"]
+    assert manifest["lineage"]["backend"] == "hf" and "auto: " in manifest["lineage"]["backend_reason"]
     assert not (tmp_path / "sft.checkpoints").exists()
     merged = cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged")
     assert merged.exit_code == 0, merged.stderr or merged.exception
@@ -141,7 +141,7 @@ def test_unsloth_backend_says_why_it_cannot_run(prepared, tmp_path, stage):
     inputs = ["--input", f"data={data}"] + (["--input", f"model={tmp_path}"] if stage == "dpo" else [])
     result = cli("stage", stage, "--config", config, *inputs, "--output", tmp_path / stage, "--set", f"{stage}.backend=unsloth")
     assert result.exit_code == 2
-    assert f"{stage}.backend: unsloth cannot run here: no CUDA GPU is visible" in result.stderr
+    assert f"{stage}.backend: unsloth cannot run here: the unsloth package is not installed" in result.stderr
     assert f"set {stage}.backend: hf" in result.stderr
     assert_no_output(tmp_path / stage)
 

@@ -21,10 +21,9 @@ log = logging.getLogger(__name__)
 
 def unsloth_missing() -> str | None:
     """Why Unsloth cannot run in this process, or None when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     if importlib.util.find_spec("unsloth") is None:
-        return "the unsloth package is not installed (the tuneforge-cuda image has it: pip install unsloth)"
+        return ("the unsloth package is not installed (pip install 'tuneforge[unsloth]' in a separate environment: it "
+                "pins older transformers and trl; the tuneforge-cuda image has it)")
     return None
 
 
@@ -34,10 +33,15 @@ def import_unsloth_first(settings: TrainSettings) -> None:
 
 
 def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, str]:
-    """The backend to train with and why; a backend set explicitly that cannot run here is an error."""
+    """The backend to train with and why; a backend set explicitly that cannot run here is an error.
+
+    auto takes Unsloth only on a CUDA GPU, where its kernels are. Set explicitly, it also runs on the CPU, in Unsloth's
+    own CPU mode (stock transformers and peft underneath: no faster than hf, but the same code path of this stage)."""
     why_not = unsloth_missing()
     if processes > 1:
         why_not = f"Unsloth trains on one GPU and this stage runs {processes} processes"
+    if settings.backend == "auto" and why_not is None and not torch.cuda.is_available():
+        why_not = "no CUDA GPU is visible (Unsloth's kernels are CUDA kernels)"
     if settings.backend == "hf":
         return "hf", "set in the config"
     if settings.backend == "unsloth":

@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.distributed import LaunchError
     from tuneforge.gguf import ExportError
     from tuneforge.models import ModelLoadError
+    from tuneforge.pipelines.trainjob import ManifestError
     from tuneforge.registry import RegistryError
     from tuneforge.services import ServiceError
     from tuneforge.storage import IncompleteOutputError, StorageError
@@ -44,7 +45,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tuneforge.training import TrainingSetupError
 
     return (ConfigError, DataError, ExportError, LaunchError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError,
-            TrainingSetupError, TrackingError, StorageError, RegistryError, ServiceError)
+            TrainingSetupError, TrackingError, StorageError, RegistryError, ServiceError, ManifestError)
 
 
 def _fail(message: str) -> None:
@@ -164,7 +165,10 @@ def compile_(
     from tuneforge.pipelines.pipeline import compile_pipeline
 
     cfg = _load(config, set_)
-    typer.echo(str(compile_pipeline(cfg, output)))
+    try:
+        typer.echo(str(compile_pipeline(cfg, output)))
+    except _user_errors() as exc:
+        _fail(str(exc))
 
 
 HostOption = Annotated[str | None, typer.Option(envvar="KFP_HOST", help="KFP API endpoint; omit inside the cluster (service account).")]

@@ -72,19 +72,21 @@ def data_prep(config_json: str, data_fingerprint: str, parent_run: str, data: Ou
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def sft(config_json: str, parent_run: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics]):
+def sft(config_json: str, parent_run: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+        job_image: str = ""):
+    """job_image: where sft runs on several nodes, the image of the Kubeflow Trainer job this task creates."""
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("sft", config_json, parent_run, {"data": data.path}, model.path)
+    result = run_stage("sft", config_json, parent_run, {"data": data.path}, model.path, job_image)
     record_metrics(metrics, result["metrics"])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def dpo(config_json: str, parent_run: str, data: Input[Dataset], sft_model: Input[Model], model: Output[Model],
-        metrics: Output[Metrics]):
+        metrics: Output[Metrics], job_image: str = ""):
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("dpo", config_json, parent_run, {"data": data.path, "model": sft_model.path}, model.path)
+    result = run_stage("dpo", config_json, parent_run, {"data": data.path, "model": sft_model.path}, model.path, job_image)
     record_metrics(metrics, result["metrics"])
 
 

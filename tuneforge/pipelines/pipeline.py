@@ -20,6 +20,28 @@ from tuneforge.config import Config
 from tuneforge.pipelines import components as c
 
 GPU_STAGES = ("sft", "dpo")
+# What the task of a stage that Kubeflow Trainer runs on several nodes needs: it only creates the job and waits.
+JOB_LAUNCHER = {"cpu": "1", "memory": "2Gi"}
+
+
+def multi_node(config: Config, stage: str) -> bool:
+    return stage in GPU_STAGES and getattr(config, stage).distributed.nodes > 1
+
+
+def job_image(config: Config, stage: str) -> str:
+    return c.CUDA_IMAGE if config.cluster.for_stage(stage).gpus else c.CPU_IMAGE
+
+
+def check_jobs(config: Config, config_json: str) -> None:
+    """Compile-time check of the Kubeflow Trainer jobs the pipeline will create: built as they will be (run id and
+    namespace stand-ins) and read into the Kubeflow API types."""
+    from tuneforge.pipelines import trainjob
+
+    for stage in GPU_STAGES:
+        if multi_node(config, stage):
+            inputs = {name: f"{config.storage.uri}/RUN/{stage}.inputs/{name}" for name in ("data", "model")[: 1 + (stage == "dpo")]}
+            trainjob.validate(trainjob.build(config, config_json, stage, "compile-check", inputs, "compile-check",
+                                             job_image(config, stage)))
 
 
 def data_fingerprint(config: Config) -> str:
@@ -38,13 +60,18 @@ def _configure(task: dsl.PipelineTask, stage: str, config: Config, fingerprint: 
     cluster = config.cluster
     resources = cluster.for_stage(stage)
     task.set_display_name(stage)
-    task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
-    task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+    if multi_node(config, stage):
+        # The job's nodes get the stage's resources; this task only creates the job and waits for it.
+        task.set_cpu_request(JOB_LAUNCHER["cpu"]).set_cpu_limit(JOB_LAUNCHER["cpu"])
+        task.set_memory_request(JOB_LAUNCHER["memory"]).set_memory_limit(JOB_LAUNCHER["memory"])
+    else:
+        task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+        task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
     task.set_retry(num_retries=resources.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="1800s")
     # Keyed on what decides the result (config, data, code), not on the run's MLflow id, which every run changes.
     task.set_caching_options(True, cache_key=f"tuneforge-{stage}-{config.hash()}-{fingerprint[:16]}-{tracking.code_version()}")
     kubernetes.set_timeout(task, resources.timeout_seconds)
-    if resources.gpus:
+    if resources.gpus and not multi_node(config, stage):
         task.set_accelerator_type(resources.gpu_type).set_accelerator_limit(resources.gpus)
         if stage in GPU_STAGES:
             task.set_container_image(c.CUDA_IMAGE)
@@ -70,6 +97,8 @@ def build(config: Config):
     # One line (KFP writes parameter defaults into a YAML comment), and only what differs from the defaults.
     config_json = json.dumps(config.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
     fingerprint = data_fingerprint(config)
+    check_jobs(config, config_json)
+    jobs = {stage: {"job_image": job_image(config, stage)} for stage in GPU_STAGES if multi_node(config, stage)}
 
     @dsl.pipeline(name=f"tuneforge-{config.name}", description=f"Fine-tune {config.base_model.source}")
     def pipeline(config_json: str = config_json, data_fingerprint: str = fingerprint):
@@ -81,11 +110,11 @@ def build(config: Config):
             start.set_caching_options(False)
             parent = start.output
             prep = _configure(c.data_prep(config_json=config_json, data_fingerprint=data_fingerprint, parent_run=parent), "data-prep", config, fingerprint)
-            tuned = _configure(c.sft(config_json=config_json, parent_run=parent, data=prep.outputs["data"]), "sft", config, fingerprint)
+            tuned = _configure(c.sft(config_json=config_json, parent_run=parent, data=prep.outputs["data"], **jobs.get("sft", {})), "sft", config, fingerprint)
             adapter, base = tuned.outputs["model"], None
             if config.dpo.enabled:
                 preferred = _configure(c.dpo(config_json=config_json, parent_run=parent, data=prep.outputs["data"],
-                                             sft_model=tuned.outputs["model"]), "dpo", config, fingerprint)
+                                             sft_model=tuned.outputs["model"], **jobs.get("dpo", {})), "dpo", config, fingerprint)
                 adapter = preferred.outputs["model"]
                 base = tuned.outputs["model"] if config.sft.method == "full" else None
             merge_args = {"base": base} if base is not None else {}

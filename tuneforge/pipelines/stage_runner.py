@@ -9,8 +9,10 @@ FOLDERS = {"data-prep": "data", "sft": "sft", "dpo": "dpo", "merge": "merged", "
            "export-gguf": "gguf", "register": "registration"}
 
 
-def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, str], output: str) -> dict[str, Any]:
-    """Run one stage as `tuneforge stage` would, under the pipeline's MLflow run, and publish its output to S3."""
+def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, str], output: str,
+              job_image: str = "") -> dict[str, Any]:
+    """Run one stage as `tuneforge stage` would, under the pipeline's MLflow run, and publish its output to S3.
+    sft or dpo on several nodes is handed to Kubeflow Trainer instead, in `job_image` (pipelines/trainjob.py)."""
     import importlib
     import json
     import logging
@@ -27,6 +29,11 @@ def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, s
     os.environ[tracking.PARENT_RUN_ENV] = parent_run
     os.environ[register.RUN_ID_ENV] = parent_run
     uri = register.published_uri(config, FOLDERS[stage])
+    if stage in ("sft", "dpo") and getattr(config, stage).distributed.nodes > 1 and "LOCAL_RANK" not in os.environ:
+        from tuneforge.pipelines import trainjob
+
+        local = {k: Path(v) for k, v in inputs.items() if v}
+        return trainjob.run(config, config_json, stage, parent_run, local, Path(output), job_image)
     if uri and stage in ("sft", "dpo"):
         # A retry of this task (KFP's, on whichever node) resumes from the checkpoints mirrored here.
         from tuneforge.training import CHECKPOINT_URI_ENV  # imports torch: only for the training stages
