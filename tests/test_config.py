@@ -4,7 +4,7 @@ from conftest import EXAMPLES, cli
 from tuneforge.config import ConfigError, load_config
 
 
-@pytest.mark.parametrize("name", ["quickstart", "tiny", "llama3-8b-qlora", "llama-1b-full"])
+@pytest.mark.parametrize("name", ["quickstart", "tiny", "llama3-8b-qlora", "llama-1b-full", "llama3-8b-multinode"])
 def test_example_configs_validate(name):
     config = load_config(EXAMPLES / f"{name}.yaml")
     assert config.data.sources[0].path.startswith(str(EXAMPLES))  # relative to the config file

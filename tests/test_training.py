@@ -62,3 +62,27 @@ def test_attention_follows_the_setting_and_the_row_length_on_the_cpu(setting, lo
     assert model.config._attn_implementation == expected
     input_ids, labels = tiny_batch()
     assert torch.isfinite(model(input_ids=input_ids, labels=labels).loss)
+
+
+@pytest.mark.parametrize(("setting", "quantized", "expected"), [
+    ("auto", False, "adamw_torch"),
+    ("auto", True, "adamw_torch"),  # QLoRA's paged 8-bit AdamW is a CUDA kernel; on the CPU it stays AdamW
+    ("adamw_torch_fused", True, "adamw_torch_fused"),
+])
+def test_optimizer_choice_on_the_cpu(setting, quantized, expected):
+    assert training.optimizer(SftSettings(optimizer=setting), quantized) == expected
+
+
+@pytest.mark.parametrize("setting", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_optimizers_are_refused_on_the_cpu_with_the_way_out(setting):
+    with pytest.raises(training.TrainingSetupError, match=f"optimizer {setting} needs a CUDA GPU.*adamw_torch"):
+        training.optimizer(SftSettings(optimizer=setting), quantized=True)
+
+
+def test_auto_backend_takes_hf_here_and_says_why():
+    from tuneforge import backends
+
+    assert backends.choose(SftSettings(), "sft", processes=1)[0] == "hf"
+    assert backends.choose(SftSettings(), "sft", processes=2) == (
+        "hf", "auto: Unsloth trains on one GPU and this stage runs 2 processes")
+    assert backends.choose(SftSettings(backend="hf"), "sft", processes=1) == ("hf", "set in the config")

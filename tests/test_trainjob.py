@@ -197,3 +197,14 @@ def test_two_nodes_run_from_the_manifest_train_like_one_process_and_publish(stac
     assert [r.data.tags["tuneforge.stage"] for r in runs] == ["sft"]
     # Only node 0 published; both fetched the inputs onto their own disks.
     assert all((tmp_path / f"node-{rank}" / "inputs" / "data" / "manifest.json").exists() for rank in range(2))
+
+
+def test_the_multinode_example_compiles_with_its_trainjob_checked(tmp_path):
+    result = cli("compile", EXAMPLES / "llama3-8b-multinode.yaml", "-o", tmp_path / "pipeline.yaml")
+    assert result.exit_code == 0, result.stderr or result.exception
+    spec = next(yaml.safe_load_all((tmp_path / "pipeline.yaml").read_text()))
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert "job_image" in tasks["sft"]["inputs"]["parameters"]  # sft: 2 nodes through Kubeflow Trainer
+    assert "job_image" not in tasks["dpo"]["inputs"].get("parameters", {})  # dpo: one node, torchrun in its pod
+    dpo = spec["deploymentSpec"]["executors"]["exec-dpo"]["container"]
+    assert dpo["image"] == "ghcr.io/tuneforge/tuneforge-cuda:0.1.0" and str(dpo["resources"]["accelerator"]["resourceCount"]) == "8"

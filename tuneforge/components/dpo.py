@@ -139,6 +139,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         metrics = {"train_loss": result.training_loss, "steps": result.global_step}
         if has_eval:
             metrics.update(trainer.evaluate())
+        if torch.cuda.is_available():
+            metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         training.save_trained(trainer, out, selected_adapters=["default"])
         if distributed.is_main_process():
             models.save_tokenizer(tokenizer, out, sft_dir)

@@ -155,6 +155,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
         if has_eval:
             metrics.update(trainer.evaluate())
+        if torch.cuda.is_available():
+            metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         training.save_trained(trainer, out)
         if distributed.is_main_process():
             models.save_tokenizer(tokenizer, out, model_path)
