@@ -11,7 +11,13 @@ LLAMA_CPP = llama-cpp-python==0.3.36
 WHEELHOUSE ?= $(HOME)/.cache/tuneforge/wheels
 LLAMA_CMAKE_ARGS = -DGGML_NATIVE=off -DLLAVA_BUILD=off -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TESTS=off
 
-.PHONY: setup quickstart test test-fast images images-push image-check chart-lint
+# Unsloth's dependency set (it pins transformers, trl and datasets below the CPU environment's), kept in a second
+# environment; `backend: unsloth` is tested there. Without a GPU, Unsloth runs in its own CPU mode, which needs none
+# of the GPU packages it declares (triton, xformers, torchvision, ...), so it is installed without them.
+UNSLOTH_VENV ?= .venv-unsloth
+UNSLOTH_SET = transformers==5.17.0 trl==1.15.0 datasets==4.8.5 peft==0.21.2 bitsandbytes==0.50.2 accelerate==1.15.0
+
+.PHONY: setup setup-unsloth quickstart test test-fast images images-push image-check chart-lint
 
 setup: $(VENV)/.installed
 
@@ -31,10 +37,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python $(LLAMA_CPP)
 	touch $@
 
+setup-unsloth: $(UNSLOTH_VENV)/.installed
+
+$(UNSLOTH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(UNSLOTH_VENV)
+	$(UNSLOTH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(UNSLOTH_VENV)/bin/python -m pip install -q $(TORCH_SPEC) $(UNSLOTH_SET)
+	$(UNSLOTH_VENV)/bin/python -m pip install -q --no-deps unsloth==2026.10.9 unsloth-zoo==2026.10.9
+	$(UNSLOTH_VENV)/bin/python -m pip install -q -e . $(TORCH_SPEC) $(UNSLOTH_SET)
+	touch $@
+
 quickstart: setup
 	$(BIN)/tuneforge run examples/quickstart.yaml
 
-test: setup
+test: setup setup-unsloth
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup

@@ -8,8 +8,10 @@ Unsloth patches transformers, peft and trl when it is imported, so it is importe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -27,9 +29,25 @@ def unsloth_missing() -> str | None:
     return None
 
 
+def hf_cannot_train() -> str | None:
+    """Why the hf backend cannot train in this environment: trl before 1.16 (Unsloth's pin) runs its LM head only as
+    a Triton kernel, which has no CPU version."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(version("trl")) < Version("1.16") and not torch.cuda.is_available():
+        return f"trl {version('trl')} here runs its LM head only as a Triton (GPU) kernel"
+    return None
+
+
 def import_unsloth_first(settings: TrainSettings) -> None:
-    if settings.backend != "hf" and unsloth_missing() is None:
-        import unsloth  # noqa: F401
+    """Only where choose() can pick it: importing Unsloth patches transformers and trl for the whole process."""
+    wanted = settings.backend == "unsloth" or (
+        settings.backend == "auto" and (torch.cuda.is_available() or hf_cannot_train() is not None))
+    if wanted and unsloth_missing() is None:
+        with contextlib.redirect_stdout(sys.stderr):  # its banner; stdout is for the stage's JSON result
+            import unsloth  # noqa: F401
 
 
 def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, str]:
@@ -41,6 +59,9 @@ def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, st
     if processes > 1:
         why_not = f"Unsloth trains on one GPU and this stage runs {processes} processes"
     if settings.backend == "auto" and why_not is None and not torch.cuda.is_available():
+        hf_blocked = hf_cannot_train()
+        if hf_blocked:
+            return "unsloth", f"auto: {hf_blocked}; Unsloth's CPU mode trains instead"
         why_not = "no CUDA GPU is visible (Unsloth's kernels are CUDA kernels)"
     if settings.backend == "hf":
         return "hf", "set in the config"
