@@ -71,7 +71,7 @@ def environment(config: Config, config_json: str, run_id: str, input_uris: dict[
     return env
 
 
-def pod_settings(config: Config, stage: str, container: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def pod_settings(config: Config, stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """What the pods need besides their container: /dev/shm, the model cache, GPU node selectors and tolerations."""
     cluster, resources = config.cluster, config.cluster.for_stage(stage)
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cluster.shm_size}}]
@@ -101,7 +101,7 @@ def build(config: Config, config_json: str, stage: str, run_id: str, input_uris:
                 "labels": {"app.kubernetes.io/managed-by": "tuneforge", "tuneforge.io/stage": stage}}
     command = ["torchrun", "-m", "tuneforge.pipelines.trainjob", stage]
     env = environment(config, config_json, run_id, input_uris)
-    pod, mounts = pod_settings(config, stage, engine["container"])
+    pod, mounts = pod_settings(config, stage)
     if settings.engine == "trainjob":
         patch_container = {"name": engine["container"], "volumeMounts": mounts}
         replicated = {"name": "node", "template": {"spec": {"template": {"spec": pod | {"containers": [patch_container]}}}}}
