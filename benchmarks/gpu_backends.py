@@ -2,7 +2,8 @@
 SmolLM2-135M-Instruct, in one run. Prints non-padding tokens per second and peak VRAM of each, and the ratio of
 Unsloth to hf for the same model and method.
 
-    python benchmarks/gpu_backends.py [--steps 40] [--batch-size 8] [--out gpu_backends.json]
+    python benchmarks/gpu_backends.py [--steps 40] [--batch-size 8] [--models tiny-llama,smollm2-135m-instruct]
+                                      [--out gpu_backends.json]
 
 Needs a CUDA GPU and the Unsloth dependency set (the tuneforge-cuda image, or `pip install -e '.[unsloth]'` over a
 CUDA torch); without unsloth it measures the hf rows only and says so. Each combination runs `tuneforge stage sft`
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=240, help="seconds per stage run")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated base_model.source values")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     import torch
@@ -85,7 +87,7 @@ def main() -> None:
           file=sys.stderr)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tuneforge-gpu-bench-") as folder:
-        for model in MODELS:
+        for model in args.models.split(","):
             for method in METHODS:
                 for backend in backends:
                     key = f"{model} {method} {backend}"
