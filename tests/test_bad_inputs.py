@@ -288,6 +288,26 @@ def case_config_storage_not_s3(tmp):
     return ["validate", path], [str(path), "storage", "s3://"]
 
 
+def case_config_zero_processes(tmp):
+    path = edited_config(tmp, lambda c: c["sft"].update(distributed={"processes": 0}))
+    return ["validate", path], [str(path), "sft.distributed.processes", "greater than or equal to 1"]
+
+
+def case_config_unknown_strategy(tmp):
+    path = edited_config(tmp, lambda c: c["dpo"].update(distributed={"strategy": "zero2"}))
+    return ["validate", path], [str(path), "dpo.distributed.strategy", "'zero2'", "deepspeed_zero3"]
+
+
+def case_config_nodes_without_storage(tmp):
+    path = edited_config(tmp, lambda c: c["sft"].update(distributed={"nodes": 4}))
+    return ["validate", path], [str(path), "sft.distributed.nodes > 1 needs storage.uri"]
+
+
+def case_config_unknown_backend(tmp):
+    path = edited_config(tmp, lambda c: c["sft"].update(backend="vllm"))
+    return ["validate", path], [str(path), "sft.backend", "'vllm'", "unsloth"]
+
+
 def case_set_without_equals(tmp):
     path = write(tmp, "c.yaml", yaml.safe_dump(good_config(tmp)))
     return ["validate", path, "--set", "sft.max_steps"], ["--set", "sft.max_steps"]

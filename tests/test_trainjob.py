@@ -119,6 +119,14 @@ def test_several_nodes_without_storage_are_refused_naming_the_keys(tmp_path):
     assert not (tmp_path / "p.yaml").exists()
 
 
+def test_a_local_run_of_a_multi_node_config_says_where_it_belongs(tmp_path):
+    result = cli("run", EXAMPLES / "tiny.yaml", "--set", "storage.uri=s3://models/runs", "--set", "sft.distributed.nodes=2",
+                 "--set", f"workdir={tmp_path}")
+    assert result.exit_code == 2
+    assert "sft.distributed.nodes is 2: several nodes need a cluster with Kubeflow Trainer" in result.stderr
+    assert not (tmp_path / "kfp").exists()
+
+
 @pytest.mark.parametrize("engine, status, expected", [
     ("trainjob", {"conditions": [{"type": "Created", "status": "True"}]}, (False, False, "")),
     ("trainjob", {"conditions": [{"type": "Complete", "status": "True", "message": "done"}]}, (True, True, "done")),

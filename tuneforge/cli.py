@@ -187,7 +187,10 @@ def submit(config: Path, host: HostOption = None, token: TokenOption = None, exp
     cfg = _load(config, set_)
     # kfp.Client prints links to stdout; stdout is for the JSON result.
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
-        result = submit_run(cfg, host, token, experiment, Path(folder) / "pipeline.yaml")
+        try:
+            result = submit_run(cfg, host, token, experiment, Path(folder) / "pipeline.yaml")
+        except _user_errors() as exc:
+            _fail(str(exc))
     typer.echo(json.dumps(result))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -91,7 +91,7 @@ class DistributedSettings(Strict):
         "ddp", description="ddp: a full copy per process; fsdp: parameters, gradients and optimizer state sharded "
         "(PyTorch FSDP); deepspeed_zero3: the same with DeepSpeed ZeRO stage 3 (needs deepspeed installed)."
     )
-    processes: int | Literal["auto"] = Field(
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Processes per node, started with torchrun; auto: one per GPU the stage's pod has "
         "(cluster.resources.STAGE.gpus), one on a machine without GPUs."
     )

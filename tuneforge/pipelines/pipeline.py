@@ -149,6 +149,14 @@ def run_locally(config: Config, pipeline_root: Path) -> dict[str, Any]:
     return a summary read from the task outputs."""
     from kfp import local
 
+    from tuneforge.config import ConfigError
+
+    for stage in GPU_STAGES:
+        if multi_node(config, stage):
+            raise ConfigError(f"{stage}.distributed.nodes is {getattr(config, stage).distributed.nodes}: several nodes "
+                              "need a cluster with Kubeflow Trainer (tuneforge submit), and tuneforge run trains on this "
+                              f"machine; set {stage}.distributed.nodes: 1 (distributed.processes spreads a stage over "
+                              "this machine's GPUs)")
     pipeline_root = Path(pipeline_root).resolve()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                enable_caching=True, raise_on_error=False)
