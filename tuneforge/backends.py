@@ -51,10 +51,12 @@ def import_unsloth_first(settings: TrainSettings) -> None:
 
 
 def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, str]:
-    """The backend to train with and why; a backend set explicitly that cannot run here is an error.
+    """The backend to train with and why; a backend that cannot train here (set, or left to auto) is an error.
 
     auto takes Unsloth only on a CUDA GPU, where its kernels are. Set explicitly, it also runs on the CPU, in Unsloth's
     own CPU mode (stock transformers and peft underneath: no faster than hf, but the same code path of this stage)."""
+    from tuneforge.training import TrainingSetupError
+
     why_not = unsloth_missing()
     if processes > 1:
         why_not = f"Unsloth trains on one GPU and this stage runs {processes} processes"
@@ -63,18 +65,20 @@ def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, st
         if hf_blocked:
             return "unsloth", f"auto: {hf_blocked}; Unsloth's CPU mode trains instead"
         why_not = "no CUDA GPU is visible (Unsloth's kernels are CUDA kernels)"
-    if settings.backend == "hf":
-        return "hf", "set in the config"
     if settings.backend == "unsloth":
         if why_not:
-            from tuneforge.training import TrainingSetupError
-
             raise TrainingSetupError(f"{stage}.backend: unsloth cannot run here: {why_not}; set {stage}.backend: hf "
                                      "(or auto, which picks unsloth where it can run)")
         return "unsloth", "set in the config"
-    if why_not:
-        return "hf", f"auto: {why_not}"
-    return "unsloth", "auto: a CUDA GPU and the unsloth package are present"
+    if settings.backend == "auto" and why_not is None:
+        return "unsloth", "auto: a CUDA GPU and the unsloth package are present"
+    if hf_cannot_train():
+        from importlib.metadata import version
+
+        raise TrainingSetupError(f"trl {version('trl')} needs Triton for its LM head and none is installed here (a CPU "
+                                 "machine): train with backend: unsloth in this environment, or with trl 1.16 "
+                                 "(the CPU environment, make setup)")
+    return "hf", "set in the config" if settings.backend == "hf" else f"auto: {why_not}"
 
 
 def unsloth_load(path: str, model: BaseModelSettings, settings: TrainSettings, *, max_length: int, dtype: torch.dtype,

@@ -43,13 +43,18 @@ def needs_launch(settings: TrainSettings) -> bool:
     return not launched() and processes_per_node(settings) > 1
 
 
+def world_size() -> int:
+    """Processes training this stage together (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def launch(stage: str, config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     """Run the stage under torchrun on this node and return the main process's result (from its manifest)."""
-    settings = config.sft if stage == "sft" else config.dpo
+    settings = getattr(config, stage)
     count = processes_per_node(settings)
     check_strategy(settings)
     with tempfile.TemporaryDirectory(prefix="tuneforge-launch-") as folder:
@@ -122,7 +127,7 @@ def sharding_arguments(settings: TrainSettings) -> dict[str, Any]:
     from tuneforge.training import TrainingSetupError
 
     chosen = settings.distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if world_size() == 1:
         return {}
     check_strategy(settings)
     if chosen.strategy == "fsdp":
@@ -142,7 +147,7 @@ def sharding_arguments(settings: TrainSettings) -> dict[str, Any]:
 
 def describe(settings: TrainSettings) -> dict[str, Any]:
     """What the manifest records about how the stage was spread out."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return {"world_size": world, "nodes": world // per_node,
             "strategy": settings.distributed.strategy if world > 1 else "none"}

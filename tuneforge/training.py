@@ -143,15 +143,8 @@ def score_only_labelled_positions() -> None:
     and top-1 over the whole vocabulary) to keep tile shapes fixed for graph compilers. Eager CPU training has no
     such constraint, and those positions were about a third of a SmolLM2 LoRA step on this CPU.
     """
-    import trl
     import trl.trainer.utils as trl_utils
 
-    if getattr(trl_utils, "_ChunkedLogProbFunction", False) is None:
-        # trl before 1.16 (Unsloth's pin) has its fused LM head only as a Triton kernel and None in its place where
-        # Triton is missing: every step would fail. Unsloth replaces it when imported; the CPU environment has 1.16.
-        raise TrainingSetupError(f"trl {trl.__version__} needs Triton for its LM head and none is installed here (a CPU "
-                                 "machine): train with backend: unsloth in this environment, or with trl 1.16 "
-                                 "(the CPU environment, make setup)")
     use_triton = getattr(trl_utils, "_use_triton", None)
     if use_triton is None or getattr(use_triton, "tuneforge_cpu", False):
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         return distributed.launch(STAGE, config, inputs, output)
     from peft import PeftModel
 
-    backend, why = backends.choose(settings, STAGE, int(os.environ.get("WORLD_SIZE", "1")))
+    backend, why = backends.choose(settings, STAGE, distributed.world_size())
     log.info("backend: %s (%s)", backend, why)
     if backend == "unsloth":
         backends.patch_dpo_trainer()

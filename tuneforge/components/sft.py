@@ -93,7 +93,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         return distributed.launch(STAGE, config, inputs, output)
     from trl import SFTConfig, SFTTrainer
 
-    backend, why = backends.choose(settings, STAGE, int(os.environ.get("WORLD_SIZE", "1")))
+    backend, why = backends.choose(settings, STAGE, distributed.world_size())
     log.info("backend: %s (%s)", backend, why)
     data_dir = Path(inputs["data"])
     data_manifest = storage.read_manifest(data_dir, "data-prep")

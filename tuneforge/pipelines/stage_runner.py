@@ -29,25 +29,27 @@ def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, s
     os.environ[tracking.PARENT_RUN_ENV] = parent_run
     os.environ[register.RUN_ID_ENV] = parent_run
     uri = register.published_uri(config, FOLDERS[stage])
-    if stage in ("sft", "dpo") and getattr(config, stage).distributed.nodes > 1 and "LOCAL_RANK" not in os.environ:
-        from tuneforge.pipelines import trainjob
-
-        local = {k: Path(v) for k, v in inputs.items() if v}
-        return trainjob.run(config, config_json, stage, parent_run, local, Path(output), job_image)
-    if uri and stage in ("sft", "dpo"):
-        # A retry of this task (KFP's, on whichever node) resumes from the checkpoints mirrored here.
-        from tuneforge.training import CHECKPOINT_URI_ENV  # imports torch: only for the training stages
-
-        os.environ[CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
+    main_process = True
     if stage in ("sft", "dpo"):
-        from tuneforge import backends
+        # These imports bring torch: only for the training stages.
+        from tuneforge import backends, distributed
+        from tuneforge.training import CHECKPOINT_URI_ENV
 
+        if getattr(config, stage).distributed.nodes > 1 and not distributed.launched():
+            from tuneforge.pipelines import trainjob
+
+            local = {k: Path(v) for k, v in inputs.items() if v}
+            return trainjob.run(config, config_json, stage, parent_run, local, Path(output), job_image)
+        if uri:
+            # A retry of this task (KFP's, on whichever node) resumes from the checkpoints mirrored here.
+            os.environ[CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
         backends.import_unsloth_first(getattr(config, stage))
+        main_process = distributed.is_main_process()  # under torchrun the main process alone writes the output
     module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
     result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
     if tracking.unlogged():
         result["mlflow_unlogged"] = tracking.unlogged()
-    if uri and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the main process alone writes the output
+    if uri and main_process:
         result["uri"] = storage.publish(Path(output), uri, config.storage.endpoint_url)
         if stage in ("sft", "dpo"):
             storage.delete(f"{uri}.checkpoints", config.storage.endpoint_url)

@@ -221,18 +221,19 @@ def run(config: Config, config_json: str, stage: str, run_id: str, inputs: dict[
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
         kube_config.load_kube_config()
-    engine = ENGINES[getattr(config, stage).distributed.engine]
+    spread = getattr(config, stage).distributed
+    engine = ENGINES[spread.engine]
     api = client.CustomObjectsApi()
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
     where = (engine["group"], engine["version"], namespace, engine["plural"])
     try:
         api.create_namespaced_custom_object(*where, manifest)
-        log.info("created %s %s/%s (%d nodes)", engine["kind"], namespace, name, getattr(config, stage).distributed.nodes)
+        log.info("created %s %s/%s (%d nodes)", engine["kind"], namespace, name, spread.nodes)
     except client.ApiException as exc:
         if exc.status != 409:
             raise
         existing = api.get_namespaced_custom_object(*where, name)
-        finished, succeeded, _ = outcome(getattr(config, stage).distributed.engine, existing.get("status") or {})
+        finished, succeeded, _ = outcome(spread.engine, existing.get("status") or {})
         if finished and not succeeded:
             log.info("%s %s failed in an earlier attempt; replacing it (it resumes from the S3 checkpoints)", engine["kind"], name)
             api.delete_namespaced_custom_object(*where, name, propagation_policy="Foreground")
@@ -241,7 +242,7 @@ def run(config: Config, config_json: str, stage: str, run_id: str, inputs: dict[
             api.create_namespaced_custom_object(*where, manifest)
         else:
             log.info("%s %s exists from an earlier attempt; waiting for it", engine["kind"], name)
-    succeeded, message = _wait(api, where, name, getattr(config, stage).distributed.engine,
+    succeeded, message = _wait(api, where, name, spread.engine,
                                config.cluster.for_stage(stage).timeout_seconds)
     sys.stderr.write(_node0_log(namespace, engine, name))
     if not succeeded:
