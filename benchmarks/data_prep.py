@@ -56,7 +56,7 @@ def generate(count: int, folder: Path) -> list[Path]:
         chat.append({"messages": turns})
     folder.mkdir(parents=True, exist_ok=True)
     files = [folder / "alpaca.jsonl", folder / "chat.jsonl"]
-    for path, rows in zip(files, (alpaca, chat)):
+    for path, rows in zip(files, (alpaca, chat), strict=True):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return files
 

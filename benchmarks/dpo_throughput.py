@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import LORA, matmul_parameters, matmul_peak, model_path, print_table, timed, train_seconds  # noqa: E402
+from sft_throughput import LORA, matmul_parameters, matmul_peak, model_path, print_table, timed, train_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "extract_preference.jsonl"

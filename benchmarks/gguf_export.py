@@ -84,7 +84,7 @@ def main() -> None:
     ours_file, theirs_file = work / "tuneforge.gguf", work / "llama-cpp.gguf"
     ours_cmd = [sys.executable, "-c", (
         "import json, sys; from pathlib import Path; from transformers import AutoTokenizer; "
-        "from tuneforge.gguf import write_gguf; d = Path(sys.argv[1]); t = AutoTokenizer.from_pretrained(d); "
+        "from tuneforge.gguf_writer import write_gguf; d = Path(sys.argv[1]); t = AutoTokenizer.from_pretrained(d); "
         "write_gguf(d, Path(sys.argv[2]), sys.argv[3], name='bench', chat_template=t.chat_template, "
         "stop_tokens=[t.eos_token])"), str(model_dir), str(ours_file), args.type]
     theirs_cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(theirs_file), "--outtype", args.type]

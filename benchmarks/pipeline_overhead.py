@@ -13,14 +13,12 @@ imports what the stage imports), which a long-lived worker would not pay.
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import re
 
 ROOT = Path(__file__).resolve().parent.parent
 

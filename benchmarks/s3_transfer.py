@@ -54,7 +54,7 @@ def peak_rss_reset() -> None:
 
 
 def peak_rss_mib() -> float:
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
 
 
@@ -108,7 +108,7 @@ def main() -> None:
                 order = ("tuneforge", "raw") if i % 2 == 0 else ("raw", "tuneforge")
                 for op in sides:
                     for side in order:
-                        seconds, rss = timed(lambda: sides[op][side](i))
+                        seconds, rss = timed(lambda op=op, side=side, i=i: sides[op][side](i))
                         results[op, side].append((seconds, rss))
                         print(f"repeat {i + 1} {op:7} {side:9} {mib / seconds:7.1f} MiB/s  peak RSS {rss:5.0f} MiB",
                               flush=True)

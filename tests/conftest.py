@@ -1,4 +1,6 @@
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from tuneforge import services
 from tuneforge.cli import app
 
 torch.set_num_threads(2)
@@ -69,3 +72,64 @@ def assert_no_output(path: Path) -> None:
     """Nothing that looks like a finished (or half-written) stage output is left behind."""
     leftovers = [p for p in path.parent.glob(path.name + "*") if not p.name.endswith(".checkpoints")]
     assert leftovers == [], f"left behind: {leftovers}"
+
+
+# A stand-in for the KFP API (no KFP server can run on the test machines): it records each request and answers as the
+# KFP v2beta1 API does. It proves what tuneforge sends, not that a real KFP backend accepts it.
+class Recorder(BaseHTTPRequestHandler):
+    requests: list = []
+
+    def _reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _record(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"null") if length else None
+        Recorder.requests.append({"method": self.command, "path": self.path, "body": body,
+                                  "auth": self.headers.get("Authorization")})
+        return body
+
+    def do_GET(self):
+        self._record()
+        if self.path.startswith("/apis/v2beta1/recurringruns"):
+            return self._reply({"recurringRuns": [{"recurring_run_id": "rr-1", "display_name": "smollm2-extract-retrain",
+                                                    "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}]})
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            return self._reply({"experiments": [{"experiment_id": "exp-1", "display_name": "tuneforge"}]})
+        return self._reply({})
+
+    def do_POST(self):
+        body = self._record()
+        if self.path == "/apis/v2beta1/experiments":
+            return self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        if self.path == "/apis/v2beta1/runs":
+            return self._reply({"run_id": "run-1", "display_name": body["display_name"], "experiment_id": "exp-1"})
+        if self.path == "/apis/v2beta1/recurringruns":
+            return self._reply({"recurring_run_id": "rr-1", "display_name": body["display_name"]})
+        return self._reply({})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    Recorder.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", Recorder.requests
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A SeaweedFS and an MLflow server for the tests of one module; their environment (AWS_*, MLFLOW_TRACKING_URI)."""
+    folder = tmp_path_factory.mktemp("services")
+    env = services.up(folder)
+    yield env
+    services.down(folder)

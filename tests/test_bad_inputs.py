@@ -18,9 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 import torch
-
+import yaml
 from conftest import EXAMPLES, assert_no_output, cli, make_config
 
 GOOD_ROW = {"instruction": "Say hi.", "input": "", "output": "hi"}
@@ -73,9 +72,11 @@ def case_jsonl_not_an_object(tmp):
     return args, [f"{path}:2", "object"]
 
 
-def case_jsonl_empty_field(tmp):
-    args, path = data_case(tmp, "d.jsonl", lines(GOOD_ROW, {"instruction": "Say hi.", "input": "", "output": "  "}))
-    return args, [f"{path}:2", "empty"]
+def case_jsonl_every_answer_empty(tmp):
+    # One empty answer is a drop that the data report counts; when every answer is empty nothing is left to train on.
+    args, path = data_case(tmp, "d.jsonl", lines(*[{"instruction": f"Say hi {i}.", "input": "", "output": "  "}
+                                                   for i in range(3)]))
+    return args, [str(path), "no SFT training rows", "3 empty_answer"]
 
 
 def case_jsonl_empty_file(tmp):
@@ -194,7 +195,7 @@ def case_data_unsupported_type(tmp):
 def case_everything_too_long(tmp):
     row = {"instruction": "Say hi.", "input": "", "output": "word " * 400}
     args, path = data_case(tmp, "d.jsonl", lines(*[dict(row, instruction=f"Say hi {i}.") for i in range(4)]))
-    return args, ["no rows", "too_long"]
+    return args, [str(path), "no SFT training rows", "4 too_long (data.max_length)"]
 
 
 def case_template_renders_nothing_to_learn(tmp):

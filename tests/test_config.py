@@ -1,7 +1,8 @@
 import pytest
-
 from conftest import EXAMPLES, cli
-from tuneforge.config import ConfigError, load_config
+
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", ["quickstart", "tiny", "llama3-8b-qlora", "llama-1b-full", "llama3-8b-multinode"])
@@ -58,3 +59,32 @@ def test_cli_validate_exit_codes(tmp_path):
 def test_config_schema_documents_keys():
     result = cli("config-schema")
     assert result.exit_code == 0 and "trust_remote_code" in result.stdout and "Run model code shipped" in result.stdout
+
+
+def test_values_outside_the_guides_table_are_warned_about_not_refused(tmp_path):
+    from tuneforge.advice import hyperparameter_warnings
+
+    config = load_config(EXAMPLES / "llama3-8b-qlora.yaml", ["sft.learning_rate=1e-3", "sft.lora.r=4", "sft.lora.alpha=64",
+                                                              "sft.warmup_ratio=0.5", "dpo.beta=2", "sft.grad_accum=100"])
+    warnings = hyperparameter_warnings(config)
+    assert "sft.learning_rate is 0.001, outside the guide's range for qlora fine-tuning (1e-05 to 0.0003)" in warnings
+    assert "sft.lora.r is 4, outside the guide's range for the LoRA rank (8 to 128)" in warnings
+    assert "sft.lora.alpha is 64, outside the guide's range for the LoRA alpha (r to 2r) (4 to 8)" in warnings
+    assert "sft.warmup_ratio is 0.5, outside the guide's range for warm-up (share of the steps) (0.03 to 0.1)" in warnings
+    assert "dpo.beta is 2, outside the guide's range for DPO's beta (0.01 to 0.5)" in warnings
+    assert "sft.batch_size x grad_accum x processes is 800, outside the guide's range for the effective batch (8 to 128)" in warnings
+    result = cli("validate", EXAMPLES / "llama3-8b-qlora.yaml", "--set", "dpo.beta=2")
+    assert result.exit_code == 0 and "warning: dpo.beta is 2" in result.stderr
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_examples_are_in_the_guides_ranges_or_say_why_not(example):
+    from tuneforge.advice import hyperparameter_warnings
+
+    text = (EXAMPLES / example).read_text()
+    for warning in hyperparameter_warnings(load_config(EXAMPLES / example)):
+        section, key = warning.split(" ", 1)[0].split(".")[:2]
+        key = key.split()[0]
+        # The key's line in the example carries a comment that says why it is outside the guide's range.
+        lines = [line for line in text.splitlines() if line.strip().startswith(f"{key}:") and "guide" in line]
+        assert lines, f"{example}: {warning}, and no comment says why"

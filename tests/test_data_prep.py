@@ -6,7 +6,6 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
 
 MESSAGES = [
@@ -73,10 +72,13 @@ def sft_rows(out, split="train"):
          "dolly", "sharegpt-role-content-parts", "orca-dpo"],
 )
 def test_each_format_is_detected_and_normalised(tmp_path, rows, fmt):
-    result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", rows)], sft={"loss_on": "all"} if fmt == "text" else {})
+    sources = [write_jsonl(tmp_path / "in.jsonl", rows)]
+    if fmt == "preference":  # an SFT split is needed too
+        sources.append(write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(10)))
+    result, out = run_prep(tmp_path, sources, sft={"loss_on": "all"} if fmt == "text" else {})
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "data_report.json").read_text())
-    assert report["rows_by_format"] == {fmt: len(rows)}
+    assert report["rows_by_format"][fmt] == len(rows)
     data = manifest(out)["lineage"]
     assert data["chat_template_sha256"] and data["special_tokens"]["eos"] == "<|im_end|>"
     assert (out / "token_lengths.png").stat().st_size > 1000
@@ -92,14 +94,15 @@ def test_multiturn_masks_cover_every_assistant_turn_and_nothing_else(tmp_path):
     assert result.exit_code == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")))
     for row in sft_rows(out):
-        learned = tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m])
+        learned = tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"], strict=True) if m])
         number = row["messages"][1]["content"].split()[1].rstrip("?")
         assert learned == f"Alpha{number}<|im_end|>\nBeta{number}<|im_end|>\n"
         assert "Answer briefly" in row["text"]  # the system turn is rendered but not learned
 
 
 def test_preference_answers_rendered_without_doubled_eos(tmp_path):
-    result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "p.jsonl", PREFERENCE_MESSAGES)], data={"eval_fraction": 0})
+    sources = [write_jsonl(tmp_path / "p.jsonl", PREFERENCE_MESSAGES), write_jsonl(tmp_path / "s.jsonl", alpaca_rows(4))]
+    result, out = run_prep(tmp_path, sources, data={"eval_fraction": 0})
     assert result.exit_code == 0, result.stderr
     pair = json.loads((out / "preference_train.jsonl").read_text().splitlines()[0])
     assert pair["prompt"].startswith("<|im_start|>user\nQ") and pair["prompt"].endswith("<|im_start|>assistant\n")
@@ -141,7 +144,8 @@ def test_duplicates_length_filter_and_seeded_split(tmp_path):
     result, out = run_prep(tmp_path, [path], data={"on_error": "skip", "max_length": 64})
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "data_report.json").read_text())
-    assert report["dropped"] == {"duplicate_exact": 1, "duplicate_normalized": 1}
+    assert report["dropped"] == {"duplicate_exact": 1, "duplicate_normalized": 1, "prompt_too_long": 1}
+    assert report["sources"][0]["dropped"] == report["dropped"] and report["sources"][0]["kept"] == {"sft": 20}
     assert report["malformed_skipped"] == 1 and "longer than data.max_length=64" in report["skipped_rows"][0]["reason"]
     first = [r["text"] for r in sft_rows(out, "eval")]
     again, out_again = run_prep(tmp_path, [path], data={"on_error": "skip", "max_length": 64})
@@ -188,7 +192,6 @@ def bad_jsonl(tmp_path, line3: str):
         ('{"instruction": "Do it."}', "missing field 'output'"),
         ('{"instruction": "Do it.", "output": 42}', "field 'output' must be a string, got int"),
         ('["not", "an", "object"]', "expected an object with named fields, got list"),
-        ('{"instruction": "Do it.", "output": "   "}', "field 'output' is empty"),
     ],
 )
 def test_malformed_row_names_file_line_and_reason(tmp_path, line3, reason):
@@ -236,18 +239,25 @@ def test_unknown_and_ambiguous_formats(tmp_path):
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"question": "a", "answer": "b"}])
     result, out = run_prep(tmp_path, [unknown])
     assert result.exit_code == 2 and "unknown row format; keys found: answer, question" in result.stderr
-    assert "Formats considered: alpaca" in result.stderr
-    ambiguous = write_jsonl(tmp_path / "a.jsonl", [{"text": "a", "prompt": "b", "completion": "c"}])
+    assert "Formats considered: preference" in result.stderr
+    # Where the intent is clear, precedence decides and the columns left over are listed.
+    clear = write_jsonl(tmp_path / "c.jsonl", [{"text": f"a{i}", "prompt": f"b{i}", "completion": f"c{i}"} for i in range(4)])
+    result, out = run_prep(tmp_path, [clear])
+    assert result.exit_code == 0, result.stderr
+    source = json.loads((out / "data_report.json").read_text())["sources"][0]
+    assert source["format"] == "prompt_completion" and source["ignored_columns"] == ["text"]
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    ambiguous = write_jsonl(tmp_path / "a.jsonl", [{"messages": turns, "conversations": turns}])
     result, out = run_prep(tmp_path, [ambiguous])
-    assert result.exit_code == 2 and "match prompt_completion, text" in result.stderr
-    forced, out = run_prep(tmp_path, [{"path": str(ambiguous), "format": "text"}], sft={"loss_on": "all"})
+    assert result.exit_code == 2 and "ambiguous row format" in result.stderr and "both messages and conversations" in result.stderr
+    forced, out = run_prep(tmp_path, [{"path": str(ambiguous), "format": "messages"}])
     assert forced.exit_code == 0, forced.stderr
 
 
 def test_bad_roles_missing_file_and_unsupported_type(tmp_path):
     rows = [{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "r.jsonl", rows)])
-    assert result.exit_code == 2 and "messages[0].role: 'human' is not one of system, user, assistant" in result.stderr
+    assert result.exit_code == 2 and "messages[0].role: 'human' is not one of system, developer, user, assistant" in result.stderr
     result, out = run_prep(tmp_path, [tmp_path / "missing.jsonl"])
     assert result.exit_code == 2 and "missing.jsonl: data file not found" in result.stderr
     (tmp_path / "x.txt").write_text("hello")
@@ -259,7 +269,8 @@ def test_bad_roles_missing_file_and_unsupported_type(tmp_path):
 def test_everything_filtered_is_an_error(tmp_path):
     rows = [{"instruction": "Short.", "output": "word " * 100}]
     result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", rows)], data={"max_length": 32})
-    assert result.exit_code == 2 and "data-prep produced no rows: 1 too_long" in result.stderr
+    assert result.exit_code == 2 and "no SFT training rows" in result.stderr
+    assert "in.jsonl: 1 rows read (alpaca); kept: none; dropped: 1 too_long (data.max_length)" in result.stderr
     assert_no_output(out)
 
 
@@ -281,3 +292,74 @@ def test_public_dataset_variants_keep_their_content(tmp_path):
     assert any("Summarise 0.\n\nText 0 is long.<|im_end|>" in t and "Short 0.<|im_end|>" in t for t in texts)
     pairs = [json.loads(line) for line in (out / "preference_train.jsonl").read_text().splitlines()]
     assert all(p["prompt"].startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nQ") for p in pairs)
+
+
+def test_an_empty_split_the_run_needs_is_an_error_per_source(tmp_path):
+    """Every SFT row too long while the preference pairs survive: data-prep fails, naming per source file what was
+    read and dropped by which reason and the key that would change it; the same for DPO without pairs."""
+    long_sft = [{"instruction": f"Item {i}.", "output": "word " * 80} for i in range(6)]
+    sources = [write_jsonl(tmp_path / "sft.jsonl", long_sft), write_jsonl(tmp_path / "pref.jsonl", preference_rows(6))]
+    result, out = run_prep(tmp_path, sources, data={"max_length": 48})
+    assert result.exit_code == 2
+    assert "no SFT training rows after reading and filtering" in result.stderr
+    assert f"{tmp_path / 'sft.jsonl'}: 6 rows read (alpaca); kept: none; dropped: 6 too_long (data.max_length)" in result.stderr
+    assert f"{tmp_path / 'pref.jsonl'}: 6 rows read (preference); kept: 6 preference" in result.stderr
+    assert_no_output(out)
+
+    only_sft = [write_jsonl(tmp_path / "only.jsonl", alpaca_rows(8))]
+    result, out = run_prep(tmp_path, only_sft, dpo={"enabled": True})
+    assert result.exit_code == 2 and "no preference pairs to train DPO on (dpo.enabled is true)" in result.stderr
+    assert_no_output(out)
+
+
+def test_empty_answers_are_dropped_and_counted(tmp_path):
+    rows = [*alpaca_rows(6),
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]},
+            {"instruction": "Say nothing.", "output": "\n"},
+            {"prompt": "Q", "completion": ""}]
+    sources = [write_jsonl(tmp_path / "a.jsonl", rows[:6]), write_jsonl(tmp_path / "m.jsonl", rows[6:7])]
+    # A source whose every row is dropped is an error that names it.
+    result, out = run_prep(tmp_path, sources)
+    assert result.exit_code == 2 and f"{tmp_path / 'm.jsonl'}: every one of its 1 rows was dropped: 1 empty_answer" in result.stderr
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [rows[7], {"instruction": "Also nothing.", "output": " "}, *alpaca_rows(6)])
+    result, out = run_prep(tmp_path, [mixed])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["dropped"] == {"empty_answer": 2} and report["sources"][0]["kept"] == {"sft": 6}
+    assert "empty_answer 2" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("action", ["warn", "drop", "fail"])
+def test_prompts_leaking_into_the_held_out_data(tmp_path, action):
+    train = alpaca_rows(12)
+    tasks = [{"prompt": f"{train[0]['instruction']}\n\n{train[0]['input']}", "expected": train[0]["output"]}]
+    curated = [{**train[1], "output": "another answer"}]  # the same prompt as a training row, in a held-out source
+    sources = [write_jsonl(tmp_path / "train.jsonl", train),
+               {"path": str(write_jsonl(tmp_path / "heldout.jsonl", curated)), "split": "eval"}]
+    config = make_config(tmp_path, sources, data={"eval_fraction": 0, "leakage": action,
+                                                   "eval_tasks": str(write_jsonl(tmp_path / "tasks.jsonl", tasks))})
+    result = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "out")
+    if action == "fail":
+        assert result.exit_code == 2 and "2 training rows have a prompt that is also in the held-out split or the eval tasks" in result.stderr
+        assert "data.leakage" in result.stderr
+        return
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["leakage_rows"] == 2
+    assert report["sft_train"] == (10 if action == "drop" else 12) and report["sft_eval"] == 1
+
+
+def test_sources_mixed_by_weight_and_capped_by_max_rows(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(40))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Q{i}", "completion": f"A{i}"} for i in range(20)])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"text": f"Line {i} of text."} for i in range(30)])
+    sources = [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}, {"path": str(c), "max_rows": 5, "weight": 0.5}]
+    result, out = run_prep(tmp_path, sources, data={"eval_fraction": 0})
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "data_report.json").read_text())
+    used = {s["path"]: s["kept"]["sft"] for s in report["sources"]}
+    # c has 5 rows after max_rows, at half the weight: the mix is 10 : 10 : 5.
+    assert used == {str(a): 10, str(b): 10, str(c): 5}
+    assert manifest(out)["lineage"]["data_mix"] == {str(a): {"sft": 10}, str(b): {"sft": 10}, str(c): {"sft": 5}}
+    again, out2 = run_prep(tmp_path, sources, data={"eval_fraction": 0})  # seeded: the same rows
+    assert sft_rows(out2) == sft_rows(out)

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import json
 import sys
 
 import pytest
+from conftest import alpaca_rows, assert_no_output, cli, make_config, write_jsonl
 from gguf import GGUFReader
 
-from conftest import alpaca_rows, assert_no_output, cli, make_config, write_jsonl
-from tuneforge import gguf
+from tuneforge import gguf_writer
 
 ALL_TYPES = ["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 
@@ -38,7 +38,7 @@ def test_every_type_loads_in_llama_cpp_and_passes_verification(tmp_path, arch):
         assert check["tokenizer_agreement"] == 1.0 and check["argmax_agreement"] >= 0.75, (gguf_type, check)
         reader = GGUFReader(out / f"test-{gguf_type}.gguf")
         fields = {name: field for name, field in reader.fields.items()}
-        assert bytes(fields["general.architecture"].parts[-1]).decode() == gguf.ARCHITECTURES[
+        assert bytes(fields["general.architecture"].parts[-1]).decode() == gguf_writer.ARCHITECTURES[
             {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[arch]][0].name.lower()
         assert "tokenizer.chat_template" in fields and "tokenizer.ggml.eot_token_id" in fields
         assert (out / f"Modelfile.{gguf_type}").read_text().startswith(f"FROM ./test-{gguf_type}.gguf")

@@ -299,6 +299,28 @@ def test_non_default_render_is_valid_kubernetes(helm):
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "team-a"}}} in policy
 
 
+def test_the_cronjob_command_submits_its_mounted_config(helm, tmp_path, kfp_api):
+    """The CronJob's own command, run here with the config the chart mounts and the environment it sets: it compiles
+    a pipeline that fingerprints the data when it runs, and submits it."""
+    host, requests = kfp_api
+    objects = render(helm, *NON_DEFAULT, "--set", f"schedule.kfpHost={host}")
+    by_name = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, text in by_name["ConfigMap/tf-tuneforge-runs"]["data"].items():
+        (configs / name).write_text(text)
+    container = by_name["CronJob/tf-tuneforge-submit"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    command = [str(BIN / container["args"][0]), *(a.replace("/configs/", f"{configs}/") for a in container["args"][1:])]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}, "HOME": str(tmp_path)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next(r for r in requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs")["body"]
+    spec = run["pipeline_spec"]["pipeline_spec"]
+    assert spec["deploymentSpec"]["executors"]["exec-sft"]["container"]["image"] == "registry.example.com/ml/tuneforge-cpu:2026.11.30"
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert tasks["data-prep"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]["producerTask"] == "start"
+
+
 @pytest.mark.parametrize("args", [[], NON_DEFAULT], ids=["defaults", "non-default"])
 def test_every_pod_is_hardened(helm, args):
     for name, pod in pods(render(helm, *args)):

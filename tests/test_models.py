@@ -3,7 +3,9 @@ import torch
 from safetensors.torch import save_file
 
 from tuneforge.config import BaseModelSettings
-from tuneforge.models import ModelLoadError, cache_dir, resolve
+from tuneforge.errors import ModelError
+from tuneforge.models import resolve
+from tuneforge.storage import cache_dir
 
 
 def test_tiny_model_is_built_once_and_loads():
@@ -30,7 +32,7 @@ def _model_dir(tmp_path, weights: str):
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path, caplog):
     folder = _model_dir(tmp_path, "pickle")
-    with pytest.raises(ModelLoadError, match="only pickle weights \\(pytorch_model.bin\\).*allow_pickle: true"):
+    with pytest.raises(ModelError, match="only pickle weights \\(pytorch_model.bin\\).*allow_pickle: true"):
         resolve(BaseModelSettings(source=str(folder)))
     assert resolve(BaseModelSettings(source=str(folder), allow_pickle=True)) == str(folder)
     assert "allow_pickle is true" in caplog.text
@@ -39,11 +41,11 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, caplog):
 def test_local_directories_and_hub_ids(tmp_path):
     assert resolve(BaseModelSettings(source=str(_model_dir(tmp_path, "safetensors")))) == str(tmp_path / "model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="not a Hugging Face model directory"):
+    with pytest.raises(ModelError, match="not a Hugging Face model directory"):
         resolve(BaseModelSettings(source=str(tmp_path / "empty")))
-    with pytest.raises(ModelLoadError, match="GGUF file .* not found"):
+    with pytest.raises(ModelError, match="GGUF file .* not found"):
         resolve(BaseModelSettings(source=str(tmp_path / "x.gguf")))
-    with pytest.raises(ModelLoadError, match="neither an existing path nor a Hub id"):
+    with pytest.raises(ModelError, match="neither an existing path nor a Hub id"):
         resolve(BaseModelSettings(source="./no/such/dir"))
     # Hub ids pass through untouched: transformers fetches them where the Hub is reachable.
     assert resolve(BaseModelSettings(source="HuggingFaceTB/SmolLM2-135M-Instruct")) == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -6,12 +6,9 @@ not that a real KFP backend accepts it.
 """
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, cli
 
 
@@ -36,7 +33,7 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
     documents = list(yaml.safe_load_all(compiled.read_text()))
     spec, platform = documents[0], documents[1]
     executors = _executors(spec)
-    for stage in ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register", "start-run", "finish-run"):
+    for stage in ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register", "start", "finish-run"):
         assert f"exec-{stage}" in executors, stage
     assert executors["exec-sft"]["container"]["image"] == "ghcr.io/tuneforge/tuneforge-cuda:0.1.0"
     assert executors["exec-merge"]["container"]["image"] == "ghcr.io/tuneforge/tuneforge-cpu:0.1.0"
@@ -50,16 +47,31 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
     assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-run"}
     assert spec["root"]["dag"]["tasks"]["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     stages = dags["comp-exit-handler-1"]
-    gate = next(name for name in dags if name.startswith("comp-condition"))
-    condition = stages[gate.removeprefix("comp-")]["triggerPolicy"]["condition"]
-    assert condition == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
-    assert set(dags[gate]) == {"export-gguf", "register"}  # only a candidate that beats the base is exported
-    tasks = {**stages, **dags[gate]}
+    # Only a candidate that beats the base is exported and registered: the SFT model or the DPO model, whichever
+    # evaluate found better (both were merged and scored).
+    assert {"merge", "merge-sft"} <= set(stages)
+    branches = {name: dag for name, dag in dags.items() if set(dag) & {"register", "register-2"}}
+    assert sorted(sorted(dag) for dag in branches.values()) == [["export-gguf", "register"], ["export-gguf-2", "register-2"]]
+    conditions = sorted(task["triggerPolicy"]["condition"] for dag in dags.values() for name, task in dag.items()
+                        if f"comp-{name}" in branches)
+    winner = "inputs.parameter_values['pipelinechannel--evaluate-Output']"
+    assert conditions == [f"!({winner} == 'sft') && {winner} == 'dpo'", f"{winner} == 'sft'"]
+    tasks = {**stages, **{name: task for dag in branches.values() for name, task in dag.items()}}
     assert tasks["sft"]["retryPolicy"] == {"backoffDuration": "30s", "backoffFactor": 2.0, "backoffMaxDuration": "1800s",
                                            "maxRetryCount": 3}
-    assert tasks["merge"]["retryPolicy"]["maxRetryCount"] == 2 and tasks["merge"]["retryPolicy"]["backoffFactor"] == 2.0
-    assert tasks["sft"]["cachingOptions"]["enableCache"] and tasks["sft"]["cachingOptions"]["cacheKey"].startswith("tuneforge-sft-")
+    # Unset retries: a training stage twice (it resumes from the S3 checkpoint mirror), the others once.
+    assert tasks["dpo"]["retryPolicy"]["maxRetryCount"] == 2 and tasks["merge"]["retryPolicy"]["maxRetryCount"] == 1
+    # KFP's own cache key, from the task's inputs: its view of the config, the code version, what it reads.
+    assert tasks["sft"]["cachingOptions"] == {"enableCache": True}
+    assert set(tasks["sft"]["inputs"]["parameters"]) == {"config_json", "code_version"}
+    sft_view = json.loads(tasks["sft"]["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"])
+    assert "sft" in sft_view and not {"dpo", "export", "evaluate", "merge", "cluster"} & set(sft_view)
+    assert tasks["data-prep"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
+        "outputParameterKey": "fingerprint", "producerTask": "start"}
+    assert tasks["evaluate"]["inputs"]["parameters"]["champion"]["taskOutputParameter"]["producerTask"] == "champion-to-beat"
+    assert tasks["champion-to-beat"]["inputs"]["parameters"]["champion"]["taskOutputParameter"]["producerTask"] == "start"
     assert not tasks["register"]["cachingOptions"].get("enableCache", False)
+    assert not tasks["start"]["cachingOptions"].get("enableCache", False)
 
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     sft_k8s = k8s["exec-sft"]
@@ -72,6 +84,9 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
     assert sft_k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
     assert str(sft_k8s["activeDeadlineSeconds"]) == "7200"
     assert "nodeSelector" not in k8s["exec-merge"]  # CPU stages stay off the GPU nodes
+    # The run a task belongs to comes from its pod's label, not from an input that would change every run's keys.
+    for executor in ("exec-sft", "exec-merge", "exec-start", "exec-finish-run"):
+        assert k8s[executor]["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']", "name": "KFP_RUN_ID"}]
     # Secrets travel by reference only: no credential value is in the compiled pipeline.
     assert "AWS_SECRET_ACCESS_KEY=" not in compiled.read_text()
 
@@ -81,57 +96,7 @@ def test_compiled_pipeline_loads_back_with_kfp(compiled):
 
     loaded = components.load_component_from_file(str(compiled))
     assert loaded.name == "tuneforge-smollm2-extract"
-    assert set(loaded.component_spec.inputs) == {"config_json", "data_fingerprint"}
-
-
-class Recorder(BaseHTTPRequestHandler):
-    requests: list = []
-
-    def _reply(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _record(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length) or b"null") if length else None
-        Recorder.requests.append({"method": self.command, "path": self.path, "body": body,
-                                  "auth": self.headers.get("Authorization")})
-        return body
-
-    def do_GET(self):
-        self._record()
-        if self.path.startswith("/apis/v2beta1/recurringruns"):
-            return self._reply({"recurringRuns": [{"recurring_run_id": "rr-1", "display_name": "smollm2-extract-retrain",
-                                                    "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}]})
-        if self.path.startswith("/apis/v2beta1/experiments"):
-            return self._reply({"experiments": [{"experiment_id": "exp-1", "display_name": "tuneforge"}]})
-        return self._reply({})
-
-    def do_POST(self):
-        body = self._record()
-        if self.path == "/apis/v2beta1/experiments":
-            return self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
-        if self.path == "/apis/v2beta1/runs":
-            return self._reply({"run_id": "run-1", "display_name": body["display_name"], "experiment_id": "exp-1"})
-        if self.path == "/apis/v2beta1/recurringruns":
-            return self._reply({"recurring_run_id": "rr-1", "display_name": body["display_name"]})
-        return self._reply({})
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def kfp_api():
-    Recorder.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", Recorder.requests
-    server.shutdown()
+    assert not loaded.component_spec.inputs  # everything it needs is compiled in; the data is fingerprinted at run time
 
 
 def test_submit_sends_the_compiled_pipeline_with_the_token(kfp_api):
@@ -163,3 +128,30 @@ def test_schedule_creates_a_recurring_run_with_kfp_cron(kfp_api):
     assert any(r["path"] == "/apis/v2beta1/recurringruns/rr-1:disable" for r in requests)
     bad = cli("schedule", EXAMPLES / "quickstart.yaml", "--host", host, "--cron", "every day")
     assert bad.exit_code == 2 and "expected 5 fields" in bad.stderr
+
+
+def _task_inputs(path) -> dict[str, str]:
+    spec = next(yaml.safe_load_all(path.read_text()))
+    tasks = {name: task for component in spec["components"].values() for name, task in component.get("dag", {}).get("tasks", {}).items()}
+    return {name: task["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"]
+            for name, task in tasks.items() if name in ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf")}
+
+
+@pytest.mark.parametrize(("override", "changed"), [
+    ("data.max_length=300", {"data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf"}),
+    ("sft.learning_rate=1e-4", {"sft", "dpo", "evaluate"}),  # dpo loads the base as sft trained it; evaluate: loss_on
+    ("dpo.beta=0.3", {"dpo"}),
+    ("merge.dtype=bfloat16", {"merge"}),
+    ("evaluate.max_new_tokens=16", {"evaluate"}),
+    ("export.types=[f16]", {"export-gguf"}),
+    ("registry.min_improvement=0.1", {"evaluate"}),  # it decides whether the candidate beats the base model
+    ("cluster.shm_size=4Gi", set()),
+])
+def test_a_stage_task_changes_only_when_a_key_it_reads_does(tmp_path, override, changed):
+    """Each stage's task carries only its view of the config, so KFP's cache key of the stages before the change, and
+    of the stages that do not read the changed key, stays the same."""
+    before, after = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    assert cli("compile", EXAMPLES / "quickstart.yaml", "-o", before).exit_code == 0
+    assert cli("compile", EXAMPLES / "quickstart.yaml", "-o", after, "--set", override).exit_code == 0
+    a, b = _task_inputs(before), _task_inputs(after)
+    assert {stage for stage in a if a[stage] != b[stage]} == changed

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLES
 
 
@@ -44,4 +43,4 @@ def test_exported_gguf_answers_with_its_own_chat_template(smollm2_run, gguf_type
     llm.close()
     # Every answer is the learned format; most are exactly right (copying slips remain at 30 steps and 4 bits).
     assert all(set(json.loads(a)) == {"name", "city"} for a in answers), answers
-    assert sum(a == t["expected"] for a, t in zip(answers, tasks)) >= 2, answers
+    assert sum(a == t["expected"] for a, t in zip(answers, tasks, strict=True)) >= 2, answers

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
+from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
 from tuneforge import training
 
 
@@ -43,8 +44,23 @@ def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path
     stages = ["data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register"]
     assert {k: v["status"] for k, v in summary["stages"].items()} == dict.fromkeys(stages, "succeeded")
     assert summary["metrics"]["candidate"]["eval_loss"] < summary["metrics"]["base"]["eval_loss"] - 1.0
-    assert "Task 'sft' finished with status" in result.stderr.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    # One line per task on the console, the tasks' raw output in the run's log file.
+    assert re.search(r"✓ sft +succeeded +\d+ s", result.stderr) and "key metric" in result.stderr
+    assert f"task logs: {summary['log']}" in result.stderr
+    assert "Task 'sft' finished with status" in Path(summary["log"]).read_text().replace("\x1b[96m", "").replace("\x1b[0m", "")
     assert summary["registered_model"]["aliases"] == ["challenger", "champion"]
+    # The guide's checklist, ticked from what the stages measured; every item carries its evidence.
+    checklist = {i["key"]: i for i in summary["checklist"]}
+    assert {k: i["status"] for k, i in checklist.items()} == {
+        "baseline_evaluated": "pass", "chat_template_the_same_data_prep_evaluate": "pass",
+        "completion_only_loss_mask": "pass", "memory_plan_sft": "n/a", "memory_plan_dpo": "n/a",
+        "gradient_checkpointing_chosen": "pass", "eval_loss_watched": "pass", "adapter_saved_and_loaded_back": "pass",
+        "merged_model_tested_at_inference": "pass", "chat_template_the_same_in_the_gguf_files": "pass",
+        "gguf_files_verified_in_llama_cpp": "pass"}, summary["checklist"]
+    assert re.fullmatch(r"[\d.]+% of the tokens of a sample batch are trained on", checklist["completion_only_loss_mask"]["evidence"])
+    assert "trained on the CPU; the plan for a GPU is" in checklist["memory_plan_sft"]["evidence"]
+    assert "dpo: saved weights equal the trained ones (max diff 0)" in checklist["adapter_saved_and_loaded_back"]["evidence"]
+    assert "q8_0: tokenizer agreement 1.0" in checklist["gguf_files_verified_in_llama_cpp"]["evidence"]
 
     mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"
@@ -65,16 +81,37 @@ def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path
     assert {"base/eval_loss", "candidate/task_exact_match", "candidate/preference_accuracy"} <= set(evaluation.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluate")}
     assert {"evaluate/report.md", "evaluate/before_after.png", "evaluate/loss_curves.png"} <= artifacts
+    assert evaluation.data.tags["checklist.completion_only_loss_mask"] == "pass"
+    register = by_stage["register"]
+    assert {k: v for k, v in register.data.tags.items() if k.startswith("checklist.")} == {
+        f"checklist.{k}": i["status"] for k, i in checklist.items()}
+    assert "checklist.md" in {a.path.split("/")[-1] for a in client.list_artifacts(register.info.run_id, "register")}
+    report = Path(summary["artifacts"]["evaluate"], "report.md").read_text()
+    assert "## The guide's checklist" in report and "| ✓ | eval loss watched | sft eval loss at" in report
+    # tiny.yaml's learning rate is outside the table on purpose; the report says so.
+    assert "sft.learning_rate is 0.003, outside the guide's range for full fine-tuning" in report
 
-    # Nothing changed: every training stage comes from KFP's cache; only registration runs again.
+    # Nothing changed: every stage comes from KFP's cache; registration runs again and registers nothing.
     started = time.monotonic()
     again = tuneforge(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads(again.stdout.strip().splitlines()[-1])
     assert {k: v["status"] for k, v in rerun["stages"].items()} == {**dict.fromkeys(stages[:-1], "cached"), "register": "succeeded"}
+    assert {k: v["output"] for k, v in rerun["stages"].items() if k != "register"} == {
+        k: v["output"] for k, v in summary["stages"].items() if k != "register"}
     assert time.monotonic() - started < first_run / 2
-    assert rerun["registered_model"]["version"] == "2"
-    assert not rerun["registered_model"]["decision"]["promoted"]  # the same model does not beat itself
+    assert rerun["registered_model"]["outcome"] == "unchanged: version 1"
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-extract'")] == ["1"]
+
+    # A later stage's setting changed: the stages before it come from the cache, it and the ones after it run; the
+    # champion (version 1) is re-scored on the same held-out data for the gate.
+    changed = tuneforge(*args, "--set", "dpo.beta=0.3")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    third = json.loads(changed.stdout.strip().splitlines()[-1])
+    assert {k: v["status"] for k, v in third["stages"].items()} == {
+        "data-prep": "cached", "sft": "cached", **dict.fromkeys(stages[2:], "succeeded")}
+    assert third["metrics"]["champion"]["eval_loss"] == pytest.approx(summary["metrics"]["candidate"]["eval_loss"], abs=1e-4)
+    assert any("champion v1 (re-scored on this run's eval split)" in r for r in third["registered_model"]["decision"]["reasons"])
 
 
 @pytest.mark.parametrize(
@@ -118,6 +155,56 @@ def test_dpo_after_lora_sft_uses_the_sft_adapter_as_reference(prepared, tmp_path
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
     assert manifest["lineage"]["adapter_base"] == "base_model" and "eval_rewards/margins" in manifest["metrics"]
     assert not (tmp_path / "dpo" / "ref").exists()  # only the trained adapter is saved
+
+
+def test_the_likelihood_guard_stops_dpo_that_pushes_the_chosen_answers_down(prepared, tmp_path):
+    """A learning rate far too high for DPO drives the chosen answers' log-probability down: the guard stops the run at
+    the first evaluation past the margin, says so in the log, the manifest and MLflow; RPO's NLL term holds them up."""
+    config, data = prepared
+    sft = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft", "--set", "sft.method=lora")
+    assert sft.exit_code == 0, sft.stderr
+    common = ["--config", config, "--input", f"data={data}", "--input", f"model={tmp_path / 'sft'}",
+              "--set", "dpo.learning_rate=0.05", "--set", "dpo.max_steps=12", "--set", "dpo.eval_steps=2"]
+    guarded = tuneforge("stage", "dpo", *common, "--output", tmp_path / "guarded", "--set", "dpo.max_chosen_logp_drop=2")
+    assert guarded.returncode == 0, guarded.stderr[-3000:]
+    guard = json.loads((tmp_path / "guarded" / "manifest.json").read_text())["lineage"]["likelihood_guard"]
+    assert guard["tripped"] and guard["tripped"]["drop"] > 2 and guard["tripped"]["step"] < 12, guard
+    assert all(drop <= 2 for step, drop in guard["drops"] if step < guard["tripped"]["step"])
+    assert guard["kept_step"] == (guard["tripped"]["step"] - 2 if guard["tripped"]["step"] > 2 else None)
+    assert "likelihood guard: at step" in guarded.stderr and guard["summary"].startswith("tripped at step")
+    steps = json.loads((tmp_path / "guarded" / "manifest.json").read_text())["metrics"]["steps"]
+    assert steps == guard["tripped"]["step"]  # stopped there
+
+    free = [*common, "--set", "dpo.max_chosen_logp_drop=null"]
+    plain = cli("stage", "dpo", *free, "--output", tmp_path / "plain")
+    rpo = cli("stage", "dpo", *free, "--output", tmp_path / "rpo", "--set", "dpo.rpo_alpha=1.0")
+    assert plain.exit_code == 0 and rpo.exit_code == 0, (plain.stderr, rpo.stderr)
+    chosen = {name: json.loads((tmp_path / name / "manifest.json").read_text())["metrics"]["eval_rewards/chosen"]
+              for name in ("plain", "rpo")}
+    assert chosen["rpo"] > chosen["plain"], chosen
+
+
+def test_a_run_that_breaks_two_checklist_items_shows_them_failed(prepared, tmp_path):
+    """The prompt trained on (sft.loss_on: all) and no eval loss during training: both items fail, with evidence; data
+    without eval tasks leaves the merged model untested at inference; the rest still pass."""
+    config, data = prepared
+    sft = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft",
+              "--set", "sft.method=lora", "--set", "sft.loss_on=all", "--set", "sft.eval_steps=100")
+    assert sft.exit_code == 0, sft.stderr or sft.exception
+    assert cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged").exit_code == 0
+    result = cli("stage", "evaluate", "--config", config, "--input", f"data={data}", "--input", f"model={tmp_path / 'merged'}",
+                 "--input", f"sft={tmp_path / 'sft'}", "--output", tmp_path / "eval")
+    assert result.exit_code == 0, result.stderr or result.exception
+    items = {i["key"]: i for i in json.loads((tmp_path / "eval" / "metrics.json").read_text())["checklist"]}
+    assert {k for k, i in items.items() if i["status"] == "fail"} == {"completion_only_loss_mask", "eval_loss_watched",
+                                                                       "merged_model_tested_at_inference"}
+    assert "set data.eval_tasks" in items["merged_model_tested_at_inference"]["evidence"]
+    assert "100.0% of the tokens" in items["completion_only_loss_mask"]["evidence"]
+    assert "sft.loss_on: all" in items["completion_only_loss_mask"]["evidence"]
+    assert "at the end only" in items["eval_loss_watched"]["evidence"] and "sft.eval_steps" in items["eval_loss_watched"]["evidence"]
+    assert items["adapter_saved_and_loaded_back"]["status"] == "pass"
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| ✗ | completion-only loss mask |" in report and "| ✗ | eval loss watched |" in report
 
 
 def test_sft_and_dpo_train_without_an_eval_split(tmp_path):
@@ -172,9 +259,11 @@ def test_failed_pipeline_reports_the_stage_and_exits_non_zero(tmp_path):
     result = tuneforge("run", config, "--pipeline-root", tmp_path / "kfp")
     assert result.returncode == 1
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["status"] == "failed" and summary["stages"]["dpo"]["status"] == "failed"
-    assert "no preference pairs to train on" in result.stderr
-    assert "merge" not in summary["stages"]
+    # dpo is enabled and there is no preference pair: data-prep says so, per source, before any training.
+    assert summary["status"] == "failed" and summary["stages"]["data-prep"]["status"] == "failed"
+    assert re.search(r"✗ data-prep +failed .*DataError: data-prep: no preference pairs to train DPO on \(dpo.enabled is true\)",
+                     result.stderr), result.stderr
+    assert "sft" not in summary["stages"]
     run = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
     assert run.info.status == "FAILED"  # the exit handler marked the pipeline's MLflow run
 
@@ -269,3 +358,46 @@ def test_mlflow_tracking_uri_from_the_environment_is_respected(prepared, tmp_pat
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.data.tags["tuneforge.stage"] == "data-prep" and run.data.metrics["sft_train"] > 0
+
+
+def test_a_user_error_is_not_retried_and_a_transient_one_is(tmp_path, monkeypatch):
+    """What a KFP retry of a task meets: a user error left a marker, so the retry stops at once with it; an
+    unreachable server did not, so the retry does the work again."""
+    from tuneforge.errors import DataError, SetupError, TrackingError
+    from tuneforge.pipelines.stage_runner import run_stage
+
+    config = make_config(tmp_path, [tmp_path / "missing.jsonl"])
+    config_json = json.dumps(yaml.safe_load(config.read_text()))
+    output = tmp_path / "task" / "data"
+    with pytest.raises(DataError, match="missing.jsonl: data file not found"):
+        run_stage("data-prep", config_json, {}, str(output))
+    write_jsonl(tmp_path / "missing.jsonl", alpaca_rows(8))  # even fixed, this run's retry repeats the verdict
+    started = time.monotonic()
+    with pytest.raises(SetupError, match="not run again: an earlier attempt of this data-prep task failed with a user "
+                                         "error, which a retry repeats: .*missing.jsonl: data file not found"):
+        run_stage("data-prep", config_json, {}, str(output))
+    assert time.monotonic() - started < 2
+
+    unreachable = json.dumps({**json.loads(config_json), "tracking": {"uri": "http://127.0.0.1:9", "retry_seconds": 0}})
+    output = tmp_path / "task2" / "data"
+    for _ in range(2):  # both attempts do the work and meet the same outage: nothing marks the task as hopeless
+        with pytest.raises(TrackingError, match="did not answer"):
+            run_stage("data-prep", unreachable, {}, str(output))
+    assert not list(output.parent.glob("*.user-error"))
+
+
+def test_an_export_user_error_fails_once_in_the_pipeline(tmp_path):
+    """export-gguf with two retries and a verification limit no file can meet: the export runs once; both retries stop
+    at once on the marker the first attempt left."""
+    tolerance = {"max_kl": 1e-12, "min_argmax": 1.0, "min_top5": 1.0}
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(24))],
+                         export={"types": ["q8_0"], "tolerances": {"q8_0": tolerance}},
+                         cluster={"resources": {"default": {"retries": 0},
+                                                "export-gguf": {"retries": 2, "retry_backoff_seconds": 1}}})
+    result = tuneforge("run", config, "--pipeline-root", tmp_path / "kfp")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["stages"]["export-gguf"]["status"] == "failed"
+    log = Path(summary["log"]).read_text()
+    assert log.count("writing test-q8_0.gguf") == 1
+    assert log.count("not run again: an earlier attempt of this export-gguf task failed with a user error") == 2

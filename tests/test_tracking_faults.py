@@ -12,10 +12,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import alpaca_rows, assert_no_output, cli, make_config, write_jsonl
-from tuneforge import services
 
+from tuneforge import services
 
 
 class Mlflow:

@@ -9,6 +9,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from tuneforge import training
 from tuneforge.config import BaseModelSettings, SftSettings
+from tuneforge.errors import SetupError
 from tuneforge.models import resolve
 
 
@@ -42,8 +43,9 @@ def test_the_cpu_lm_head_scores_only_labelled_positions_with_the_same_loss_and_g
 
     monkeypatch.setattr(trl_utils, "_use_triton", trl_use_triton)  # TRL as it comes: every position on the CPU
     full_loss, full_grads = loss_and_grads()
-    training.score_only_labelled_positions()
-    compact_loss, compact_grads = loss_and_grads()
+    with training.labelled_positions_only():
+        compact_loss, compact_grads = loss_and_grads()
+    assert trl_utils._use_triton is trl_use_triton  # TRL is left as it was
 
     labelled = int((labels[:, 1:] != -100).sum())
     assert scored == [3 * 23, labelled] and labelled < 3 * 23 / 2
@@ -75,7 +77,7 @@ def test_optimizer_choice_on_the_cpu(setting, quantized, expected):
 
 @pytest.mark.parametrize("setting", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"])
 def test_bitsandbytes_optimizers_are_refused_on_the_cpu_with_the_way_out(setting):
-    with pytest.raises(training.TrainingSetupError, match=f"optimizer {setting} needs a CUDA GPU.*adamw_torch"):
+    with pytest.raises(SetupError, match=f"optimizer {setting} needs a CUDA GPU.*adamw_torch"):
         training.optimizer(SftSettings(optimizer=setting), quantized=True)
 
 
@@ -86,3 +88,48 @@ def test_auto_backend_takes_hf_here_and_says_why():
     assert backends.choose(SftSettings(), "sft", processes=2) == (
         "hf", "auto: Unsloth trains on one GPU and this stage runs 2 processes")
     assert backends.choose(SftSettings(backend="hf"), "sft", processes=1) == ("hf", "set in the config")
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_examples_do_not_attend_to_each_other(arch, attention):
+    """A batch packed the way SFTTrainer packs (TRL's padding-free collator, no cache): each example's loss equals its
+    loss alone, within 1e-4; and the probe the sft stage runs before it packs agrees."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source=arch)), attn_implementation=attention)
+    model.train()  # as in training; the tiny models have no dropout
+    generator = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(3, 400, (n,), generator=generator).tolist()} for n in (13, 7, 10)]
+    for example in examples:
+        example["labels"] = [-100] * 3 + example["input_ids"][3:]  # a prompt the loss skips
+
+    def per_example_loss(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(labels[1:]), ignore_index=-100).item()
+
+    with torch.no_grad():
+        alone = [per_example_loss(model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0], e["labels"])
+                 for e in examples]
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    start, packed = 0, []
+    for example in examples:
+        end = start + len(example["input_ids"])
+        packed.append(per_example_loss(logits[start:end], example["labels"]))
+        start = end
+    assert packed == pytest.approx(alone, abs=1e-4)
+    assert training.packing_leak(model) < training.PACKING_TOLERANCE
+
+
+def test_the_packing_probe_catches_attention_that_leaks():
+    """With a cache (as in generation) transformers does not split packed rows: the probe sees the leak."""
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), attn_implementation="eager")
+    original = model.forward
+
+    def leaky(*args, **kwargs):
+        kwargs["use_cache"] = True
+        return original(*args, **kwargs)
+
+    model.forward = leaky
+    assert training.packing_leak(model) > 0.1

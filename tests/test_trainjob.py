@@ -13,10 +13,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from conftest import EXAMPLES, alpaca_rows, cli, make_config, write_jsonl
-from tuneforge import services, storage
+
+from tuneforge import storage
 from tuneforge.config import load_config
+from tuneforge.errors import ManifestError
 from tuneforge.pipelines import trainjob
 from tuneforge.pipelines.pipeline import job_image
 
@@ -50,7 +51,7 @@ def test_trainjob_manifest_carries_image_resources_env_and_secrets_and_validates
     assert spec["runtimeRef"] == {"name": "torch-distributed"} and spec["activeDeadlineSeconds"] == 36000
     trainer = spec["trainer"]
     assert trainer["image"] == "ghcr.io/tuneforge/tuneforge-cuda:0.1.0"
-    assert trainer["command"] == ["torchrun", "-m", "tuneforge.pipelines.trainjob", "sft"]
+    assert trainer["command"] == ["torchrun", "-m", "tuneforge.pipelines.trainjob_node", "sft"]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
     assert trainer["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "8"}
     env = env_of(trainer["env"])
@@ -94,7 +95,7 @@ def test_pytorchjob_manifest_has_a_master_and_workers_and_validates(tmp_path):
 def test_a_manifest_the_api_types_do_not_accept_is_refused_with_where(tmp_path, engine, damage, complaint):
     manifest = copy.deepcopy(manifest_for(engine, tmp_path))
     damage(manifest)
-    with pytest.raises(trainjob.ManifestError, match=complaint.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ManifestError, match=complaint.replace("[", r"\[").replace("]", r"\]")):
         trainjob.validate(manifest)
 
 
@@ -144,14 +145,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("services")
-    env = services.up(folder)
-    yield env
-    services.down(folder)
 
 
 def test_two_nodes_run_from_the_manifest_train_like_one_process_and_publish(stack, tmp_path, monkeypatch):

@@ -8,9 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import alpaca_rows, cli, make_config, preference_rows, write_jsonl
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSLOTH_TUNEFORGE = ROOT / ".venv-unsloth" / "bin" / "tuneforge"

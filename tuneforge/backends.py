@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tuneforge.config import BaseModelSettings, LoraSettings, TrainSettings
+from tuneforge.errors import SetupError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, st
 
     auto takes Unsloth only on a CUDA GPU, where its kernels are. Set explicitly, it also runs on the CPU, in Unsloth's
     own CPU mode (stock transformers and peft underneath: no faster than hf, but the same code path of this stage)."""
-    from tuneforge.training import TrainingSetupError
-
     why_not = unsloth_missing()
     if processes > 1:
         why_not = f"Unsloth trains on one GPU and this stage runs {processes} processes"
@@ -67,7 +66,7 @@ def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, st
         why_not = "no CUDA GPU is visible (Unsloth's kernels are CUDA kernels)"
     if settings.backend == "unsloth":
         if why_not:
-            raise TrainingSetupError(f"{stage}.backend: unsloth cannot run here: {why_not}; set {stage}.backend: hf "
+            raise SetupError(f"{stage}.backend: unsloth cannot run here: {why_not}; set {stage}.backend: hf "
                                      "(or auto, which picks unsloth where it can run)")
         return "unsloth", "set in the config"
     if settings.backend == "auto" and why_not is None:
@@ -75,7 +74,7 @@ def choose(settings: TrainSettings, stage: str, processes: int) -> tuple[str, st
     if hf_cannot_train():
         from importlib.metadata import version
 
-        raise TrainingSetupError(f"trl {version('trl')} needs Triton for its LM head and none is installed here (a CPU "
+        raise SetupError(f"trl {version('trl')} needs Triton for its LM head and none is installed here (a CPU "
                                  "machine): train with backend: unsloth in this environment, or with trl 1.16 "
                                  "(the CPU environment, make setup)")
     return "hf", "set in the config" if settings.backend == "hf" else f"auto: {why_not}"
@@ -85,8 +84,6 @@ def unsloth_load(path: str, model: BaseModelSettings, settings: TrainSettings, *
                  four_bit: bool, full: bool):
     """FastLanguageModel.from_pretrained; a model Unsloth cannot take is refused with its reason."""
     from unsloth import FastLanguageModel
-
-    from tuneforge.training import TrainingSetupError
 
     try:
         loaded, _tokenizer = FastLanguageModel.from_pretrained(
@@ -99,7 +96,7 @@ def unsloth_load(path: str, model: BaseModelSettings, settings: TrainSettings, *
             trust_remote_code=model.trust_remote_code,
         )
     except (NotImplementedError, ValueError, KeyError, RuntimeError) as exc:
-        raise TrainingSetupError(f"Unsloth cannot load {path}: {exc}; set backend: hf to train it with transformers") from None
+        raise SetupError(f"Unsloth cannot load {path}: {exc}; set backend: hf to train it with transformers") from None
     return loaded
 
 

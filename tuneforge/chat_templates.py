@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+from tuneforge.errors import TemplateError
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -25,10 +27,6 @@ GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 NAMED = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA}
-
-
-class TemplateError(ValueError):
-    pass
 
 
 def resolve(choice: str | None, tokenizer) -> str:

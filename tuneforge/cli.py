@@ -1,4 +1,9 @@
-"""The `tuneforge` command."""
+"""The `tuneforge` command.
+
+Every command that meets a TuneforgeError (bad input, config or setup) prints it as one `error:` line on stderr and
+exits 2, without a traceback. Commands import what they need when they run, so `tuneforge --help` and the light
+commands do not load torch.
+"""
 
 from __future__ import annotations
 
@@ -8,49 +13,40 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune causal language models.")
+from tuneforge import env, stages, storage
+from tuneforge.errors import ConfigError, TuneforgeError
 
-# Stage name -> module in tuneforge.components, and the inputs it requires / accepts.
-STAGES = {
-    "data-prep": ("data_prep", (), ()),
-    "sft": ("sft", ("data",), ()),
-    "dpo": ("dpo", ("data", "model"), ()),
-    "merge": ("merge", ("model",), ("base",)),
-    "evaluate": ("evaluate", ("data", "model"), ("sft", "dpo")),
-    "export-gguf": ("export_gguf", ("model",), ()),
-    "register": ("register", ("evaluation", "model"), ("gguf",)),
-}
+
+class _UserErrorsExit2(TyperGroup):
+    """The one place user errors become exit 2: every command, sub-commands included, runs inside this invoke."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TuneforgeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_UserErrorsExit2, add_completion=False, no_args_is_help=True,
+                  help="Fine-tune causal language models.")
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b=value")]
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from tuneforge.chat_templates import TemplateError
-    from tuneforge.components.data_prep import DataError
-    from tuneforge.components.merge import MergeCheckError
-    from tuneforge.config import ConfigError
-    from tuneforge.distributed import LaunchError
-    from tuneforge.gguf import ExportError
-    from tuneforge.models import ModelLoadError
-    from tuneforge.pipelines.trainjob import ManifestError
-    from tuneforge.registry import RegistryError
-    from tuneforge.services import ServiceError
-    from tuneforge.storage import IncompleteOutputError, StorageError
-    from tuneforge.tracking import TrackingError
-    from tuneforge.training import TrainingSetupError
-
-    return (ConfigError, DataError, ExportError, LaunchError, MergeCheckError, ModelLoadError, TemplateError, IncompleteOutputError,
-            TrainingSetupError, TrackingError, StorageError, RegistryError, ServiceError, ManifestError)
-
-
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise ConfigError(message)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -58,21 +54,62 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(config_path: Path, overrides: list[str] | None):
-    from tuneforge.config import ConfigError, load_config
+    from tuneforge.config import load_config
 
-    try:
-        return load_config(config_path, overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
+    return load_config(config_path, overrides)
 
 
 @app.command()
 def validate(config: Path, set_: SetOption = None) -> None:
-    """Validate a config and print it with every default filled in."""
+    """Validate a config and print it with every default filled in; warn (on stderr) about values outside the fine-tuning
+    guide's hyperparameter table."""
     import yaml
+
+    from tuneforge.advice import hyperparameter_warnings
 
     cfg = _load(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    for warning in hyperparameter_warnings(cfg):
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command()
+def plan(
+    config: Path,
+    gpu: Annotated[str | None, typer.Option(help="One GPU type to check; default every type the plan knows.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Estimate each training stage's GPU memory (by part) and GPU-hours before a run; the last stdout line is JSON."""
+    import dataclasses
+
+    from tuneforge import plan as planning
+    from tuneforge import sizing
+    from tuneforge.advice import hyperparameter_warnings
+
+    cfg = _load(config, set_)
+    if gpu is not None and gpu not in planning.GPUS:
+        _fail(f"--gpu {gpu!r}: the plan knows {', '.join(planning.GPUS)}")
+    found = planning.plan(cfg, gpu)
+    for stage, estimate in found["stages"].items():
+        memory = estimate["memory_gib"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k not in ("total", "parameters", "trainable"))
+        typer.echo(f"{stage} ({estimate['method']}, {memory['parameters'] / 1e9:.2f}B parameters, "
+                   f"{memory['trainable'] / 1e6:.1f}M trained): {memory['total']:.1f} GiB ({parts}); "
+                   f"{estimate['tokens']:,} tokens")
+        for name, fit in estimate["gpus"].items():
+            typer.echo(f"  {name:<10} {'fits' if fit['fits'] else 'does not fit':<13} {fit['hours'] * 60:8.1f} GPU-minutes")
+    found["cluster"] = {}
+    typer.echo("on a cluster (tuneforge compile):")
+    for stage in sizing.pipeline_stages(cfg):
+        sized = sizing.resolve(cfg, stage)
+        found["cluster"][stage] = {**dataclasses.asdict(sized), "why": sized.why}
+        gpus = f", {sized.gpus} GPU" + (f" >= {sized.gpu_memory_gib} GiB" if sized.gpu_memory_gib else "") if sized.gpus else ""
+        typer.echo(f"  {stage:<12} cpu {sized.cpu}, memory {sized.memory}{gpus}  ({sized.why})")
+    for problem in sizing.refusals(cfg):
+        typer.echo(f"warning: compile will refuse this: {problem}", err=True)
+    for warning in hyperparameter_warnings(cfg):
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(json.dumps(found))
 
 
 @app.command("config-schema")
@@ -85,74 +122,101 @@ def config_schema() -> None:
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}")],
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(stages.NAMES)}")],
     config: Annotated[Path, typer.Option(help="The run's YAML config.")],
     output: Annotated[Path, typer.Option(help="Output directory; written only when the stage succeeds.")],
     input_: Annotated[list[str] | None, typer.Option("--input", help="KEY=PATH of an earlier stage's output.")] = None,
     set_: SetOption = None,
     checkpoint_uri: Annotated[str | None, typer.Option(
         help="sft/dpo: mirror checkpoints to this S3 prefix and resume from it when there are none beside OUTPUT.",
-        envvar="TUNEFORGE_CHECKPOINT_URI")] = None,
+        envvar=env.CHECKPOINT_URI)] = None,
     verbose: bool = False,
 ) -> None:
     """Run one stage: what each pipeline container executes."""
     _setup_logging(verbose)
     if checkpoint_uri:
-        if not checkpoint_uri.startswith("s3://"):
+        if not storage.is_s3(checkpoint_uri):
             _fail(f"--checkpoint-uri {checkpoint_uri!r}: an s3://BUCKET/PREFIX is expected")
-        os.environ["TUNEFORGE_CHECKPOINT_URI"] = checkpoint_uri
-    if name not in STAGES:
-        _fail(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    module_name, required, optional = STAGES[name]
-    inputs: dict[str, Path] = {}
+        os.environ[env.CHECKPOINT_URI] = checkpoint_uri
+    try:
+        spec = stages.get(name)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    inputs: dict[str, Path | str] = {}
     for item in input_ or []:
         key, sep, value = item.partition("=")
-        if not sep or key not in (*required, *optional):
-            _fail(f"--input {item!r}: stage {name} takes {', '.join(required + optional) or 'no inputs'} as KEY=PATH")
-        inputs[key] = Path(value)
-    missing = [k for k in required if k not in inputs]
+        if not sep or key not in spec.inputs:
+            _fail(f"--input {item!r}: stage {name} takes {', '.join(spec.inputs) or 'no inputs'} as KEY=PATH")
+        inputs[key] = value if storage.is_s3(value) else Path(value)
+    missing = [k for k in spec.requires if k not in inputs]
     if missing:
         _fail(f"stage {name} needs --input {' --input '.join(f'{k}=PATH' for k in missing)}")
     cfg = _load(config, set_)
-    if name in ("sft", "dpo"):
+    if spec.trains:
         from tuneforge import backends
 
         backends.import_unsloth_first(getattr(cfg, name))
-    module = importlib.import_module(f"tuneforge.components.{module_name}")
-    try:
-        # Libraries print progress to stdout; keep stdout for the JSON result alone.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = module.run(cfg, inputs, output)
-    except _user_errors() as exc:
-        _fail(str(exc))
-    from tuneforge import tracking
-
-    if tracking.unlogged():
-        result["mlflow_unlogged"] = tracking.unlogged()
+    module = importlib.import_module(spec.module)
+    # Libraries print progress to stdout; keep stdout for the JSON result alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = module.run(cfg, inputs, output)
     typer.echo(json.dumps(result))
 
 
 @app.command()
 def run(
-    config: Path,
+    config: Annotated[Path | None, typer.Argument(help="The run's YAML config (not with --package).")] = None,
     set_: SetOption = None,
-    pipeline_root: Annotated[Path | None, typer.Option(help="Where kfp.local keeps task outputs; default WORKDIR/kfp.")] = None,
-    verbose: bool = False,
+    package: Annotated[Path | None, typer.Option(
+        help="Run a compiled pipeline (the output of tuneforge compile, what submit and schedule upload) instead of "
+        "building one from CONFIG.")] = None,
+    pipeline_root: Annotated[Path | None, typer.Option(
+        help="Where kfp.local keeps task outputs; default WORKDIR/kfp.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Stream every task's raw output instead of one line per task.")] = False,
+    runner: Annotated[str, typer.Option(
+        help="subprocess: the tasks run in this Python environment; container: each in the image the pipeline names, "
+        "as uid 10001 on a read-only root, through a Docker-compatible API (Docker, or podman system service).")
+    ] = "subprocess",
 ) -> None:
     """Run the whole KFP pipeline on this machine (kfp.local); the last stdout line is a JSON summary."""
     _setup_logging(verbose)
-    from tuneforge.pipelines.pipeline import run_locally
+    from tuneforge.pipelines.pipeline import config_of_package, refuse_multi_node, run_locally
 
-    cfg = _load(config, set_)
-    cfg.workdir = str(Path(cfg.workdir).resolve())
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = run_locally(cfg, pipeline_root or Path(cfg.workdir) / "kfp")
-    except _user_errors() as exc:
-        _fail(str(exc))
+    if (config is None) == (package is None):
+        _fail("give a CONFIG or --package PIPELINE.yaml (one of them)")
+    if package is not None:
+        if set_:
+            _fail("--set changes a config; a compiled package is run as it was compiled (compile it again to change it)")
+        cfg = config_of_package(package)
+    else:
+        cfg = _load(config, set_)
+        cfg.workdir = str(Path(cfg.workdir).resolve())
+    refuse_multi_node(cfg)
+    if runner not in ("subprocess", "container"):
+        _fail(f"--runner {runner!r}: use subprocess or container")
+    if runner == "container":
+        from tuneforge.pipelines import container_runner
+
+        container_runner.preflight(cfg)
+    from tuneforge.pipelines import console
+
+    root = (pipeline_root or Path(cfg.workdir) / "kfp").resolve()
+    log = root / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with console.captured(log, verbose) as shown, contextlib.redirect_stdout(sys.stderr):
+        summary = run_locally(cfg, root, package, runner)
+    if shown:  # the raw task logs go beside the run's outputs
+        kept = Path(summary["run_folder"]) / "tasks.log"
+        log.replace(kept)
+        summary["log"] = str(kept)
+        shown.table(summary)
+        typer.echo(f"task logs: {kept}", err=True)
     typer.echo(json.dumps(summary))
     if summary["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Compile even when cluster.resources are below what a stage needs (a warning instead of exit 2).")]
 
 
 @app.command("compile")
@@ -160,25 +224,25 @@ def compile_(
     config: Path,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pipeline IR YAML.")] = Path("pipeline.yaml"),
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
-    """Compile the pipeline for a config to KFP IR YAML (upload it to any KFP v2 server)."""
+    """Compile the pipeline for a config to KFP IR YAML (upload it to any KFP v2 server). Each stage's resources come
+    from cluster.resources or are sized from the model; resources below what a stage needs are refused."""
     from tuneforge.pipelines.pipeline import compile_pipeline
 
     cfg = _load(config, set_)
-    try:
-        typer.echo(str(compile_pipeline(cfg, output)))
-    except _user_errors() as exc:
-        _fail(str(exc))
+    typer.echo(str(compile_pipeline(cfg, output, force, _warn)))
 
 
-HostOption = Annotated[str | None, typer.Option(envvar="KFP_HOST", help="KFP API endpoint; omit inside the cluster (service account).")]
+HostOption = Annotated[str | None, typer.Option(
+    envvar="KFP_HOST", help="KFP API endpoint; omit inside the cluster (service account).")]
 TokenOption = Annotated[str | None, typer.Option(help="Bearer token for the KFP API; default $KFP_TOKEN.")]
 ExperimentOption = Annotated[str, typer.Option(help="KFP experiment.")]
 
 
 @app.command()
 def submit(config: Path, host: HostOption = None, token: TokenOption = None, experiment: ExperimentOption = "tuneforge",
-           set_: SetOption = None) -> None:
+           set_: SetOption = None, force: ForceOption = False) -> None:
     """Compile and submit one run to a Kubeflow Pipelines server."""
     import tempfile
 
@@ -187,10 +251,7 @@ def submit(config: Path, host: HostOption = None, token: TokenOption = None, exp
     cfg = _load(config, set_)
     # kfp.Client prints links to stdout; stdout is for the JSON result.
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
-        try:
-            result = submit_run(cfg, host, token, experiment, Path(folder) / "pipeline.yaml")
-        except _user_errors() as exc:
-            _fail(str(exc))
+        result = submit_run(cfg, host, token, experiment, Path(folder) / "pipeline.yaml", force, _warn)
     typer.echo(json.dumps(result))
 
 
@@ -203,6 +264,7 @@ def schedule(
     experiment: ExperimentOption = "tuneforge",
     max_concurrency: Annotated[int, typer.Option(min=1)] = 1,
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Create a KFP recurring run that retrains on a schedule (unchanged data and config come from cache)."""
     import tempfile
@@ -211,10 +273,7 @@ def schedule(
 
     cfg = _load(config, set_)
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):
-        try:
-            result = schedule_run(cfg, host, token, experiment, cron, max_concurrency, Path(folder) / "pipeline.yaml")
-        except ValueError as exc:
-            _fail(str(exc))
+        result = schedule_run(cfg, host, token, experiment, cron, max_concurrency, Path(folder) / "pipeline.yaml", force, _warn)
     typer.echo(json.dumps(result))
 
 
@@ -224,11 +283,11 @@ app.add_typer(schedules_app, name="schedules")
 
 @schedules_app.command("list")
 def schedules_list(host: HostOption = None, token: TokenOption = None, experiment: ExperimentOption = "tuneforge") -> None:
-    from tuneforge.pipelines.pipeline import _experiment_id, kfp_client
+    from tuneforge.pipelines.pipeline import experiment_id, kfp_client
 
     client = kfp_client(host, token)
     with contextlib.redirect_stdout(sys.stderr):
-        found = client.list_recurring_runs(experiment_id=_experiment_id(client, experiment), page_size=100)
+        found = client.list_recurring_runs(experiment_id=experiment_id(client, experiment), page_size=100)
     rows = [{"id": r.recurring_run_id, "name": r.display_name, "status": r.status,
              "cron": r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else None}
             for r in (found.recurring_runs or [])]
@@ -261,12 +320,9 @@ def services_up(folder: FolderOption = Path("runs/services")) -> None:
     """Start both services (or report the running ones); prints how to point tuneforge at them."""
     from tuneforge import services
 
-    try:
-        env = services.up(folder)
-    except services.ServiceError as exc:
-        _fail(str(exc))
-    typer.echo(f"S3 (SeaweedFS): {env['AWS_ENDPOINT_URL']}, bucket {env['TUNEFORGE_S3_BUCKET']}")
-    typer.echo(f"MLflow:         {env['MLFLOW_TRACKING_URI']}")
+    found = services.up(folder)
+    typer.echo(f"S3 (SeaweedFS): {found['AWS_ENDPOINT_URL']}, bucket {found[env.S3_BUCKET]}")
+    typer.echo(f"MLflow:         {found['MLFLOW_TRACKING_URI']}")
     typer.echo(f"Credentials and endpoints: source {services.Stack(folder.resolve()).env_file}")
 
 
@@ -292,8 +348,6 @@ TrackingOption = Annotated[str | None, typer.Option(help="MLflow tracking URI; d
 
 
 def _client(tracking_uri: str | None):
-    import os
-
     from mlflow import MlflowClient
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -315,18 +369,20 @@ def registry_rollback(name: str, tracking_uri: TrackingOption = None) -> None:
     """Move `champion` back to the version it replaced."""
     from tuneforge import registry
 
-    try:
-        typer.echo(json.dumps(registry.rollback(_client(tracking_uri), name)))
-    except registry.RegistryError as exc:
-        _fail(str(exc))
+    typer.echo(json.dumps(registry.rollback(_client(tracking_uri), name)))
 
 
 @app.command()
-def promote(name: str, version: str, tracking_uri: TrackingOption = None) -> None:
-    """Make a version champion by hand (the gate does it automatically in a run)."""
+def promote(name: str, version: str, tracking_uri: TrackingOption = None,
+            by: Annotated[str | None, typer.Option(help="Who approves; default $USER.")] = None) -> None:
+    """Make a version champion by hand: the approval of a candidate waiting as approved-pending
+    (registry.approval: manual), or any version. Records who and when."""
     from tuneforge import registry
 
-    typer.echo(json.dumps(registry.promote(_client(tracking_uri), name, version)))
+    who = by or os.environ.get("USER") or os.environ.get("LOGNAME")
+    if not who:
+        _fail("who approves? pass --by NAME (USER is not set)")
+    typer.echo(json.dumps(registry.promote(_client(tracking_uri), name, version, who)))
 
 
 def main() -> None:

@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file, the key and what was expected."""
+from tuneforge import stages
+from tuneforge.errors import ConfigError
 
 
 class Strict(BaseModel):
@@ -37,12 +36,21 @@ class BaseModelSettings(Strict):
 
 class DataSource(Strict):
     path: str = Field(description="A local file (.jsonl, .json, .parquet, .csv); s3:// and hf:// come with storage.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"] = Field(
-        "auto", description="Row format; auto detects it from the keys of the rows."
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired"] = Field(
+        "auto", description="Row format; auto detects it from the keys of the rows (the README lists the public dataset "
+        "shapes it reads)."
     )
-    split: Literal["sft", "preference", "auto"] = Field(
-        "auto", description="Which training set the rows feed; auto: preference rows feed DPO, the rest SFT."
+    split: Literal["sft", "preference", "auto", "eval"] = Field(
+        "auto", description="Which set the rows feed; auto: preference rows feed DPO, the rest SFT; eval: a curated "
+        "held-out set, never trained on (its rows join the held-out split; data.eval_fraction still holds out a share "
+        "of the other sources, 0 for none)."
     )
+    max_rows: int | None = Field(
+        None, gt=0, description="Take at most this many of the source's rows (a seeded random sample); null: all.")
+    weight: float | None = Field(
+        None, gt=0, description="This source's share of the training mix, relative to the other sources' weights (1 where "
+        "unset): rows are sampled (seeded, none repeated) so the mix has these proportions and is as large as the "
+        "sources allow. null on every source: no mixing, every row is used. The realised counts are in the report.")
 
 
 class DataSettings(Strict):
@@ -62,7 +70,10 @@ class DataSettings(Strict):
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="fail: a malformed row stops data-prep; skip: it is dropped and reported."
     )
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the train/eval split and of the sampling of data.sources.")
+    leakage: Literal["warn", "drop", "fail"] = Field(
+        "warn", description="Training rows whose prompt (case and whitespace aside) is also in the held-out split or the "
+        "eval tasks: warn (counted in the report and MLflow), drop them from training, or fail.")
     num_proc: int | None = Field(
         None,
         ge=1,
@@ -72,16 +83,16 @@ class DataSettings(Strict):
 
 
 class LoraSettings(Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
+    r: int = Field(16, gt=0, description="LoRA rank: the adapter's inner dimension.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA inputs; drawing its masks is slow on the CPU."
     )
     target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         "auto", description="auto: the attention and MLP projections of the model family."
     )
-    use_dora: bool = False
-    use_rslora: bool = False
+    use_dora: bool = Field(False, description="DoRA: learn the weights' magnitude apart from their direction.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
 
 
 class DistributedSettings(Strict):
@@ -113,15 +124,16 @@ class DistributedSettings(Strict):
 class TrainSettings(Strict):
     """What SFT and DPO share: the optimisation loop."""
 
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
     max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1: run the epochs.")
     batch_size: int = Field(4, gt=0, description="Per-device batch size.")
-    grad_accum: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, gt=0, description="Batches whose gradients are summed per optimiser step.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the steps spent warming the learning rate up.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate decays after warm-up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware computes it fast (CUDA bf16, CPU avx512_bf16), else fp32."
     )
@@ -133,27 +145,29 @@ class TrainSettings(Strict):
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto: eager on the CPU for rows up to 256 tokens, else the model's default."
     )
-    logging_steps: int = Field(5, gt=0)
+    logging_steps: int = Field(5, gt=0, description="Log the training loss every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: once per epoch.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps.")
-    save_total_limit: int = Field(2, gt=0)
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop when eval loss has not improved for this many evaluations."
     )
     resume: Literal["auto", "never"] | str = Field(
         "auto", description="auto: continue from the latest checkpoint if one exists; never; or a checkpoint path."
     )
-    seed: int = 42
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    seed: int = Field(42, description="Seed of the weights' initialisation and the data order.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter, for LoRA and QLoRA.")
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="unsloth: Unsloth's kernels (a CUDA GPU and the unsloth package); hf: transformers/peft; "
         "auto: unsloth where it can run, else hf (the choice and why are logged and recorded in the manifest)."
     )
-    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings, description="Several processes or nodes (one by default).")
 
 
 class SftSettings(TrainSettings):
-    method: Literal["full", "lora", "qlora"] = "lora"
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full: every weight; lora: a low-rank adapter; qlora: the adapter on a 4-bit base.")
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="assistant: only assistant/completion tokens count; all: every token."
     )
@@ -161,10 +175,19 @@ class SftSettings(TrainSettings):
 
 
 class DpoSettings(TrainSettings):
-    enabled: bool = True
-    learning_rate: float = Field(5e-5, gt=0)
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = "sigmoid"
+    enabled: bool = Field(True, description="Run DPO after SFT (needs preference pairs in the data).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (lower: further).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = Field(
+        "sigmoid", description="TRL's DPO loss: sigmoid is the DPO paper's.")
+    max_chosen_logp_drop: float | None = Field(
+        10.0, gt=0, description="The likelihood guard: stop when the policy's mean log-probability of the chosen answers "
+        "on the held-out pairs falls more than this many nats (summed over an answer) below the reference's, and keep "
+        "the last checkpoint within it. DPO can widen the reward margin while pushing the chosen answers down too "
+        "(likelihood displacement) and ruin a good SFT model. null: no guard.")
+    rpo_alpha: float | None = Field(
+        None, gt=0, description="Add an NLL loss on the chosen answers with this weight (RPO, TRL's 'sft' loss term): "
+        "it holds the chosen answers' likelihood up; the remedy when the guard trips. null: plain DPO.")
 
 
 class MergeSettings(Strict):
@@ -176,10 +199,10 @@ class MergeSettings(Strict):
 
 
 class EvaluateSettings(Strict):
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Generation length limit for the eval tasks.")
     max_examples: int = Field(200, gt=0, description="Cap on held-out rows scored per metric.")
     samples: int = Field(8, ge=0, description="Sample generations shown side by side in the report.")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="Rows per forward pass or generation batch.")
 
 
 class Tolerance(Strict):
@@ -204,7 +227,7 @@ GgufType = Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 
 
 class ExportSettings(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Write GGUF files of the merged model.")
     types: list[GgufType] = Field(
         default_factory=lambda: ["q8_0"],
         min_length=1,
@@ -246,7 +269,7 @@ class StorageSettings(Strict):
 
 
 class RegistrySettings(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Register the candidate in the MLflow Model Registry.")
     model_name: str | None = Field(None, description="Registered model name; null: the run name.")
     primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion.")
     min_improvement: float = Field(0.0, ge=0, description="How much the candidate must beat base and champion by.")
@@ -254,24 +277,39 @@ class RegistrySettings(Strict):
         default_factory=lambda: {"eval_loss": 0.05},
         description="Metric -> the regression allowed against base and champion (absolute units).",
     )
+    approval: Literal["auto", "manual"] = Field(
+        "auto", description="auto: a candidate that passes the gate becomes champion; manual: it gets the alias "
+        "approved-pending, and `tuneforge promote NAME VERSION` (a person's approval) makes it champion.")
 
 
 class StageResources(Strict):
-    cpu: str = Field("2", description="CPU request and limit, Kubernetes units.")
-    memory: str = Field("8Gi", description="Memory request and limit, Kubernetes units.")
-    gpus: int = Field(0, ge=0, description="GPUs for the stage.")
+    cpu: str | None = Field(None, description="CPU request and limit, Kubernetes units; null: sized from the model "
+                            "(2, or 8 for a stage on a GPU).")
+    memory: str | None = Field(None, description="Memory request and limit, Kubernetes units; null: sized from the "
+                               "model (`tuneforge plan` shows the sizes and why; at least 8Gi).")
+    gpus: int | None = Field(None, ge=0, description="GPUs for the stage; null: sized from the model (training stages "
+                             "get one when the method needs CUDA or the model is over 1B parameters).")
     gpu_type: str = Field("nvidia.com/gpu", description="Accelerator resource name.")
-    timeout_seconds: int = Field(6 * 3600, gt=0)
-    retries: int = Field(2, ge=0, description="Retries of a failed stage, with exponential backoff.")
+    timeout_seconds: int = Field(6 * 3600, gt=0, description="The stage's task is stopped after this long.")
+    retry_backoff_seconds: int = Field(30, ge=0, description="Wait before the first retry; doubled for each next one.")
+    retries: int | None = Field(
+        None, ge=0, description="Retries of a failed stage on a cluster, with exponential backoff; a user error (exit 2) "
+        "is never retried. null: 2 for training stages (a retry resumes from the S3 checkpoint mirror) and 1 for the "
+        "others on a cluster, 0 for `tuneforge run`, where a retry only waits.")
 
 
 class ClusterSettings(Strict):
     """How the stages run on Kubernetes (ignored by local runs)."""
 
-    resources: dict[Literal["default", "data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register"], StageResources] = Field(
-        default_factory=lambda: {"default": StageResources()},
-        description="Per-stage resources; stages not listed use `default`.",
+    resources: dict[Literal[("default", *stages.NAMES)], StageResources] = Field(
+        default_factory=dict,
+        description="Per-stage resources; what a stage does not set comes from `default`, and what neither sets is "
+        "sized from the model. `tuneforge compile` refuses values below what a stage needs (--force overrides).",
     )
+    gpu_memory_label: str | None = Field(
+        "nvidia.com/gpu.memory", description="Node label with each node's GPU memory in MiB (NVIDIA GPU Feature "
+        "Discovery sets it): a stage on a GPU is scheduled only where the GPU holds what the plan needs. null: no such "
+        "constraint (clusters without the label).")
     s3_secret: str | None = Field(
         "tuneforge-s3", description="Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL."
     )
@@ -281,19 +319,24 @@ class ClusterSettings(Strict):
     model_cache_pvc: str | None = Field(None, description="PVC mounted at /cache for base models (TUNEFORGE_CACHE).")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU stages.")
     gpu_tolerations: list[dict[str, str]] = Field(
-        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="Kubernetes tolerations for GPU stages (GPU nodes are usually tainted).",
     )
     shm_size: str = Field("8Gi", description="Size of the /dev/shm emptyDir (PyTorch data loaders need it).")
 
     def for_stage(self, stage: str) -> StageResources:
-        return self.resources.get(stage, self.resources.get("default", StageResources()))
+        """The stage's entry, its unset cpu, memory and gpus taken from `default` (None where neither sets them)."""
+        default = self.resources.get("default", StageResources())
+        own = self.resources.get(stage, default)
+        return own.model_copy(update={key: getattr(default, key) for key in ("cpu", "memory", "gpus")
+                                      if getattr(own, key) is None})
 
 
 class TrackingSettings(Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite in the work dir."
     )
-    experiment: str = "tuneforge"
+    experiment: str = Field("tuneforge", description="MLflow experiment the runs are logged under.")
     retry_seconds: float = Field(
         120, ge=0, description="How long a stage waits for an unreachable MLflow server before it goes on without it "
         "(at its start it then fails, before any work; later it finishes and reports what could not be logged)."
@@ -303,23 +346,26 @@ class TrackingSettings(Strict):
 class Config(Strict):
     name: str = Field(description="Run name; also the registered model name later.")
     workdir: str = Field("runs", description="Where local runs, caches and the embedded MLflow store live.")
-    base_model: BaseModelSettings
-    data: DataSettings
-    sft: SftSettings = Field(default_factory=SftSettings)
-    dpo: DpoSettings = Field(default_factory=lambda: DpoSettings(enabled=False))
-    merge: MergeSettings = Field(default_factory=MergeSettings)
-    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
-    export: ExportSettings = Field(default_factory=ExportSettings)
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
-    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    base_model: BaseModelSettings = Field(description="The model to fine-tune.")
+    data: DataSettings = Field(description="Training data, eval tasks and how rows are rendered (stage data-prep).")
+    sft: SftSettings = Field(default_factory=SftSettings, description="Supervised fine-tuning (stage sft).")
+    dpo: DpoSettings = Field(default_factory=lambda: DpoSettings(enabled=False),
+                             description="Preference tuning after SFT (stage dpo); off unless enabled.")
+    merge: MergeSettings = Field(default_factory=MergeSettings, description="Folding the adapter in (stage merge).")
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings,
+                                       description="Scoring base and candidate (stage evaluate).")
+    export: ExportSettings = Field(default_factory=ExportSettings, description="GGUF files (stage export-gguf).")
+    storage: StorageSettings = Field(default_factory=StorageSettings, description="Where stage outputs are published.")
+    registry: RegistrySettings = Field(default_factory=RegistrySettings,
+                                       description="Registration and promotion (stage register).")
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Pods on Kubernetes.")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         if self.sft.method == "qlora" and self.sft.precision == "fp16":
             raise ValueError("sft.precision: fp16 with qlora is unstable; use bf16 or auto")
-        for stage in ("sft", "dpo"):
+        for stage in stages.TRAINING:
             settings: TrainSettings = getattr(self, stage)
             if settings.distributed.nodes > 1 and not self.storage.uri:
                 raise ValueError(f"{stage}.distributed.nodes > 1 needs storage.uri: the nodes exchange inputs "
@@ -330,6 +376,26 @@ class Config(Strict):
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    def view(self, stage: str, with_cluster: bool = False) -> Config:
+        """The config as `stage` sees it: the sections it reads (stages.py), every other one at its default. A stage's
+        task gets this view, so its cache key changes only when something the stage reads does (`dpo.beta` reruns dpo
+        and what follows, not data-prep and sft). `with_cluster` keeps the cluster section, for a stage whose task
+        starts a Kubeflow Trainer job."""
+        reads = (*stages.COMMON_SECTIONS, *stages.get(stage).reads, *(("cluster",) if with_cluster else ()))
+        full = self.model_dump(mode="json")
+        view: dict[str, Any] = {}
+        for read in reads:
+            section, _, key = read.partition(".")
+            if key:  # one key of a section: the section's other keys keep their defaults
+                view.setdefault(section, {})[key] = full[section][key]
+            else:
+                view[section] = full[section]
+        return Config.model_validate(view)
+
+    def to_json(self) -> str:
+        """One line, keys sorted, only what differs from the defaults (KFP writes parameter defaults into YAML)."""
+        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

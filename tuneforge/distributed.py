@@ -19,12 +19,9 @@ import torch
 
 from tuneforge import storage
 from tuneforge.config import Config, TrainSettings
+from tuneforge.errors import LaunchError, SetupError
 
 log = logging.getLogger(__name__)
-
-
-class LaunchError(RuntimeError):
-    """A process of a distributed stage failed; its own error is in the log above."""
 
 
 def processes_per_node(settings: TrainSettings) -> int:
@@ -112,20 +109,16 @@ def merged(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
 
 
 def check_strategy(settings: TrainSettings) -> None:
-    from tuneforge.training import TrainingSetupError
-
     strategy = settings.distributed.strategy
     if strategy != "ddp" and not torch.cuda.is_available():
         # accelerate shards with FSDP or DeepSpeed on accelerators only; on CPUs it would quietly fall back to DDP.
-        raise TrainingSetupError(f"distributed.strategy {strategy} shards across GPUs and none is visible; "
+        raise SetupError(f"distributed.strategy {strategy} shards across GPUs and none is visible; "
                                  "use distributed.strategy: ddp on the CPU")
 
 
 def sharding_arguments(settings: TrainSettings) -> dict[str, Any]:
     """TrainingArguments for the chosen strategy when the stage runs in several processes (one process ignores it, so
     a config written for a GPU node also runs on a laptop)."""
-    from tuneforge.training import TrainingSetupError
-
     chosen = settings.distributed
     if world_size() == 1:
         return {}
@@ -138,7 +131,7 @@ def sharding_arguments(settings: TrainSettings) -> dict[str, Any]:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise TrainingSetupError("distributed.strategy deepspeed_zero3 needs DeepSpeed: pip install deepspeed "
+            raise SetupError("distributed.strategy deepspeed_zero3 needs DeepSpeed: pip install deepspeed "
                                      "(the tuneforge-cuda image has it)") from None
         return {"deepspeed": merged(DEEPSPEED_ZERO3_DEFAULTS, chosen.options)}
     # Every trainable parameter takes part in every step (frozen base weights are not DDP's to sync).

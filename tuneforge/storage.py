@@ -1,5 +1,5 @@
-"""Stage outputs that are complete or absent: staged in a sibling folder, a manifest with checksums
-written last, then renamed into place."""
+"""Where things are kept: stage outputs that are complete or absent (staged in a sibling folder, a manifest with
+checksums written last, then renamed into place), their copies on S3, and the local cache of downloads."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tuneforge import env
+from tuneforge.errors import IncompleteOutputError, StorageError, StorageUnreachableError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
 
-class IncompleteOutputError(RuntimeError):
-    pass
+def cache_dir() -> Path:
+    """Base models, converted weights and downloaded data ($TUNEFORGE_CACHE, else ~/.cache/tuneforge)."""
+    return Path(os.environ.get(env.CACHE, Path.home() / ".cache" / "tuneforge"))
 
 
 def sha256_file(path: Path) -> str:
@@ -56,7 +60,14 @@ def staged_output(output: Path) -> Iterator[Path]:
         os.replace(staging, output)
 
 
+def runtime() -> dict[str, Any]:
+    """Where the stage ran: its user, whether it could write the root filesystem (a pod's is read-only), the image."""
+    return {"uid": os.getuid(), "root_writable": os.access("/", os.W_OK),
+            "image_version": os.environ.get(env.IMAGE_VERSION)}
+
+
 def write_manifest(folder: Path, stage: str, lineage: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    lineage = {**lineage, "runtime": runtime()}
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "size": path.stat().st_size}
@@ -71,6 +82,12 @@ def write_manifest(folder: Path, stage: str, lineage: dict[str, Any], metrics: d
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, folder / MANIFEST)
     return manifest
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """One sha256 over a stage output's files (names and checksums): equal outputs, equal digests."""
+    files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(folder: Path, stage: str | tuple[str, ...] | None = None, verify: bool = False) -> dict[str, Any]:
@@ -98,12 +115,16 @@ def read_manifest(folder: Path, stage: str | tuple[str, ...] | None = None, veri
 # ---------------------------------------------------------------- S3
 
 
-class StorageError(RuntimeError):
-    """S3 failed in a way a user can act on; the message names the bucket and key, never a credential."""
-
-
 def is_s3(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
+
+
+def published_uri(storage_uri: str | None, name: str, stage: str) -> str | None:
+    """Where the pipeline publishes a stage's output: STORAGE_URI/NAME/RUN_ID/STAGE, when it publishes to S3."""
+    run_id = os.environ.get(env.RUN_ID)
+    if not storage_uri or not run_id:
+        return None
+    return f"{storage_uri.rstrip('/')}/{name}/{run_id}/{stage}"
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -140,7 +161,7 @@ def _error_code(exc: Exception) -> str:
 
 
 @contextmanager
-def _s3_errors(uri: str) -> Iterator[None]:
+def s3_errors(uri: str) -> Iterator[None]:
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -156,7 +177,7 @@ def _s3_errors(uri: str) -> Iterator[None]:
             raise StorageError(f"{uri}: not found in S3 ({code})") from None
         raise StorageError(f"S3 error on {uri}: {code or exc}") from None
     except BotoCoreError as exc:
-        raise StorageError(f"S3 unreachable for {uri}: {exc}") from None
+        raise StorageUnreachableError(f"S3 unreachable for {uri}: {exc}") from None
 
 
 def inside(root: Path, name: str) -> Path:
@@ -198,9 +219,10 @@ def publish(folder: Path, uri: str, endpoint_url: str | None = None) -> str:
     manifest = read_manifest(folder)
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
-    with _s3_errors(uri):
+    with s3_errors(uri):
         for name in [*manifest["files"], MANIFEST]:
-            _retried(lambda: client.upload_file(str(folder / name), bucket, f"{prefix}/{name}", Config=_transfer_config()),
+            key = f"{prefix}/{name}"
+            _retried(lambda name=name, key=key: client.upload_file(str(folder / name), bucket, key, Config=_transfer_config()),
                      f"{uri}/{name}")
     return f"s3://{bucket}/{prefix}"
 
@@ -210,18 +232,20 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
     with staged_output(folder) as staging:
-        with _s3_errors(f"{uri}/{MANIFEST}"):
+        with s3_errors(f"{uri}/{MANIFEST}"):
             try:
                 body = _retried(lambda: client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read(),
                                 f"{uri}/{MANIFEST}")
             except client.exceptions.NoSuchKey:
                 raise IncompleteOutputError(f"{uri}: no {MANIFEST}, so not a complete stage output") from None
         manifest = json.loads(body)
-        with _s3_errors(uri):
+        with s3_errors(uri):
             for name, entry in manifest["files"].items():
                 target = inside(staging, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _retried(lambda: client.download_file(bucket, f"{prefix}/{name}", str(target), Config=_transfer_config()),
+                key = f"{prefix}/{name}"
+                _retried(lambda key=key, target=target: client.download_file(bucket, key, str(target),
+                                                                             Config=_transfer_config()),
                          f"{uri}/{name}")
                 if sha256_file(target) != entry["sha256"]:
                     raise StorageError(f"{uri}/{name}: checksum mismatch with its manifest (corrupted or overwritten)")
@@ -229,11 +253,28 @@ def fetch(uri: str, folder: Path, endpoint_url: str | None = None) -> Path:
     return Path(folder).resolve()
 
 
+def put_text(uri: str, text: str, endpoint_url: str | None = None) -> None:
+    bucket, key = split_s3(uri)
+    with s3_errors(uri):
+        s3_client(endpoint_url).put_object(Bucket=bucket, Key=key, Body=text.encode())
+
+
+def get_text(uri: str, endpoint_url: str | None = None) -> str | None:
+    """The object's text, or None when there is no such object."""
+    bucket, key = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with s3_errors(uri):
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except client.exceptions.NoSuchKey:
+            return None
+
+
 def subfolders(uri: str, endpoint_url: str | None = None) -> list[str]:
     """The names of the folders directly under an S3 prefix."""
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
-    with _s3_errors(uri):
+    with s3_errors(uri):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", Delimiter="/")
         return [p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for page in pages for p in page.get("CommonPrefixes", [])]
 
@@ -242,7 +283,7 @@ def delete(uri: str, endpoint_url: str | None = None) -> None:
     """Delete every object under an S3 prefix, the manifests first so nothing half-deleted looks complete."""
     bucket, prefix = split_s3(uri)
     client = s3_client(endpoint_url)
-    with _s3_errors(uri):
+    with s3_errors(uri):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
         keys = sorted((o["Key"] for page in pages for o in page.get("Contents", [])), key=lambda k: not k.endswith(MANIFEST))
         for start in range(0, len(keys), 1000):
@@ -258,7 +299,7 @@ def download(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.unlink(missing_ok=True)
-    with _s3_errors(uri):
+    with s3_errors(uri):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/")
         keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
         try:

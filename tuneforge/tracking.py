@@ -15,11 +15,11 @@ import mlflow
 import requests
 
 import tuneforge
+from tuneforge import env
 from tuneforge.config import Config
+from tuneforge.errors import TrackingError
 
 log = logging.getLogger(__name__)
-
-PARENT_RUN_ENV = "TUNEFORGE_PARENT_RUN_ID"
 
 
 def tracking_uri(config: Config) -> str:
@@ -40,6 +40,7 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         sha = ""
+    sha = sha or os.environ.get(env.CODE_REVISION, "").replace("unknown", "")
     return f"{tuneforge.__version__}+{sha}" if sha else tuneforge.__version__
 
 
@@ -66,31 +67,18 @@ def setup(config: Config) -> str:
         # Without a server, artifacts go next to the database rather than into ./mlruns of whatever cwd.
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return mlflow.create_experiment(config.tracking.experiment, artifact_location=artifact_location)
+        # Tagged as model training, so the MLflow UI opens the experiment on its runs rather than on GenAI traces.
+        return mlflow.create_experiment(config.tracking.experiment, artifact_location=artifact_location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except mlflow.exceptions.MlflowException:
         # Another stage created it meanwhile.
         return mlflow.get_experiment_by_name(config.tracking.experiment).experiment_id
 
 
-class TrackingError(RuntimeError):
-    """MLflow could not be reached when a stage started; nothing was done."""
-
-
-# What this stage could not send to MLflow; until when it keeps trying while MLflow is unreachable, and whether an
-# outage has outlasted that (then the stage stops calling MLflow).
-_unlogged: list[str] = []
-_give_up_at: float | None = None
-_gave_up = False
-_retry_seconds = 120.0
-
 # MLflow's client retries each request 7 times over about 4 minutes; a stage does its own waiting
 # (tracking.retry_seconds), so each request gives up sooner. Set variables win.
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
-
-
-def unlogged() -> list[str]:
-    return list(_unlogged)
 
 
 def _unreachable(err: Exception) -> bool:
@@ -106,107 +94,161 @@ def first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
 
 
-def _retrying(what: str, call, *args, **kwargs):
-    """Call MLflow; while it is unreachable, retry until retry_seconds have passed since this outage began."""
-    global _give_up_at, _gave_up
-    while True:
+class StageTracker:
+    """One stage's MLflow run, and what it could not log. While the server is unreachable, calls are retried until
+    `retry_seconds` have passed since the outage began; after that the stage stops calling MLflow and notes what
+    went unlogged (the result, manifest and run summary list it)."""
+
+    def __init__(self, retry_seconds: float):
+        self.retry_seconds = retry_seconds
+        self.run: mlflow.ActiveRun | None = None
+        self.unlogged: list[str] = []
+        self._give_up_at: float | None = None
+        self._gave_up = False
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def retrying(self, what: str, call, *args, **kwargs):
+        """Call MLflow; while it is unreachable, retry until retry_seconds have passed since this outage began."""
+        while True:
+            try:
+                result = call(*args, **kwargs)
+                self._give_up_at = None
+                return result
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                now = time.monotonic()
+                if self._give_up_at is None:
+                    self._give_up_at = now + self.retry_seconds
+                if now >= self._give_up_at:
+                    self._gave_up = True
+                    raise
+                log.warning("MLflow: %s failed (%s); retrying for up to %.0f s", what, first_line(err), self._give_up_at - now)
+                time.sleep(min(5.0, self._give_up_at - now))
+
+    def record(self, what: str, call, *args, **kwargs) -> bool:
+        """Log something without letting an unreachable server fail the stage: retried within the budget, then
+        noted as not logged. Returns whether it was logged."""
+        if self._gave_up:
+            self.unlogged.append(what)
+            return False
         try:
-            result = call(*args, **kwargs)
-            _give_up_at = None
-            return result
+            self.retrying(what, call, *args, **kwargs)
+            return True
         except Exception as err:
             if not _unreachable(err):
                 raise
-            now = time.monotonic()
-            if _give_up_at is None:
-                _give_up_at = now + _retry_seconds
-            if now >= _give_up_at:
-                _gave_up = True
+            log.error("MLflow: could not log %s: %s", what, first_line(err))
+            self.unlogged.append(what)
+            return False
+
+    def run_record(self) -> dict[str, Any]:
+        """What a manifest's lineage says about the stage's MLflow run: its id and, if any, what could not be logged."""
+        return {"mlflow_run_id": self.run_id, **({"mlflow_unlogged": list(self.unlogged)} if self.unlogged else {})}
+
+    def result(self, metrics: dict[str, Any], output: Path) -> dict[str, Any]:
+        """A stage's result (the JSON `tuneforge stage` prints), once its run has ended."""
+        found = {"status": "succeeded", "metrics": metrics, "output": str(output)}
+        if self.unlogged:
+            found["mlflow_unlogged"] = list(self.unlogged)
+        return found
+
+    def end_run(self, status: str) -> None:
+        if self.record(f"the run's end ({status})", mlflow.MlflowClient().set_terminated, self.run_id, status):
+            mlflow.end_run(status)
+            return
+        # Leave the run without the server, which cannot be reached (it keeps the run RUNNING): end_run forgets the
+        # active run before it calls the server.
+        try:
+            mlflow.end_run(status)
+        except Exception as err:
+            if not _unreachable(err):
                 raise
-            log.warning("MLflow: %s failed (%s); retrying for up to %.0f s", what, first_line(err), _give_up_at - now)
-            time.sleep(min(5.0, _give_up_at - now))
 
 
-def record(what: str, call, *args, **kwargs) -> bool:
-    """Log something to MLflow without letting an unreachable server fail the stage: retried within the budget,
-    then noted in the stage's result as not logged. Returns whether it was logged."""
-    if _gave_up:
-        _unlogged.append(what)
-        return False
+def pipeline_run_id(config: Config, job_id: str) -> str | None:
+    """The MLflow run of the pipeline run `job_id` (opened by its first task), if there is one."""
+    experiment_id = setup(config)
+    found = mlflow.search_runs([experiment_id], f"tags.`kfp.job_id` = '{job_id}'", output_format="list", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def find_pipeline_run(config: Config, job_id: str) -> str | None:
+    """pipeline_run_id, waiting up to tracking.retry_seconds for an unreachable MLflow."""
+    for key, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     try:
-        _retrying(what, call, *args, **kwargs)
-        return True
+        return StageTracker(config.tracking.retry_seconds).retrying("pipeline run lookup", pipeline_run_id, config, job_id)
     except Exception as err:
-        if not _unreachable(err):
-            raise
-        log.error("MLflow: could not log %s: %s", what, first_line(err))
-        _unlogged.append(what)
-        return False
+        if _unreachable(err):
+            raise TrackingError(f"MLflow at {tracking_uri(config)} did not answer for {config.tracking.retry_seconds:.0f} s "
+                                f"(tracking.retry_seconds): {first_line(err)}; the stage did not start") from None
+        raise
 
 
 @contextmanager
-def stage_run(config: Config, stage: str, lineage: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    """The stage's MLflow run. MLflow must answer (within retry_seconds) for the stage to start; once it has,
-    an unreachable server no longer fails the stage (see record)."""
-    global _give_up_at, _gave_up, _retry_seconds
+def stage_run(config: Config, stage: str, lineage: dict[str, Any]) -> Iterator[StageTracker]:
+    """The stage's MLflow run, as a tracker. MLflow must answer (within retry_seconds) for the stage to start; once it
+    has, an unreachable server no longer fails the stage (see StageTracker.record)."""
     for key, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    _unlogged.clear()
-    _give_up_at, _gave_up, _retry_seconds = None, False, config.tracking.retry_seconds
-    parent = os.environ.get(PARENT_RUN_ENV)
-    run = None
+    tracker = StageTracker(config.tracking.retry_seconds)
+    parent = os.environ.get(env.PARENT_RUN_ID)
     try:
-        experiment_id = _retrying("experiment lookup", setup, config)
-        run = _retrying("run start", mlflow.start_run, experiment_id=experiment_id, run_name=f"{config.name}/{stage}",
-                        parent_run_id=parent or None, nested=bool(parent),
-                        tags={"tuneforge.stage": stage, "tuneforge.code_version": code_version()})
-        _retrying("params", mlflow.log_params,
-                  {k: str(v)[:6000] for k, v in flatten(config.model_dump(mode="json")).items()})
-        _retrying("lineage tags", set_lineage, lineage)
+        experiment_id = tracker.retrying("experiment lookup", setup, config)
+        tracker.run = tracker.retrying(
+            "run start", mlflow.start_run, experiment_id=experiment_id, run_name=f"{config.name}/{stage}",
+            parent_run_id=parent or None, nested=bool(parent),
+            tags={"tuneforge.stage": stage, "tuneforge.code_version": code_version()})
+        tracker.retrying("params", mlflow.log_params,
+                         {k: str(v)[:6000] for k, v in flatten(config.model_dump(mode="json")).items()})
+        tracker.retrying("lineage tags", set_lineage, lineage)
     except Exception as err:
-        if run is not None:
-            _end(run, "FAILED")
+        if tracker.run is not None:
+            tracker.end_run("FAILED")
         if _unreachable(err):
             raise TrackingError(
-                f"MLflow at {tracking_uri(config)} did not answer for {_retry_seconds:.0f} s (tracking.retry_seconds): "
-                f"{first_line(err)}; the {stage} stage did not start"
+                f"MLflow at {tracking_uri(config)} did not answer for {tracker.retry_seconds:.0f} s "
+                f"(tracking.retry_seconds): {first_line(err)}; the {stage} stage did not start"
             ) from None
         raise
     status = "FAILED"
     try:
-        yield run
+        yield tracker
         status = "FINISHED"
     finally:
-        _end(run, status)
+        tracker.end_run(status)
 
 
-def _end(run: mlflow.ActiveRun, status: str) -> None:
-    if record(f"the run's end ({status})", mlflow.MlflowClient().set_terminated, run.info.run_id, status):
-        mlflow.end_run(status)
-        return
-    # Leave the run without the server, which cannot be reached (it keeps the run RUNNING): end_run forgets the
-    # active run before it calls the server.
-    try:
-        mlflow.end_run(status)
-    except Exception as err:
-        if not _unreachable(err):
-            raise
+# What a stage's lineage says about the stage itself, not inherited by the stages after it.
+OWN_LINEAGE = ("mlflow_run_id", "mlflow_unlogged", "published_uri", "inputs")
 
 
-def run_record(run: mlflow.ActiveRun) -> dict[str, Any]:
-    """What a manifest's lineage says about the stage's MLflow run: its id and, if any, what could not be logged."""
-    return {"mlflow_run_id": run.info.run_id, **({"mlflow_unlogged": unlogged()} if _unlogged else {})}
-
-
-def inherit_lineage(parent_manifest: dict[str, Any], config: Config) -> dict[str, Any]:
-    """A stage's lineage: its input's (base model, data and template hashes, template, special tokens),
-    pointing at the input's MLflow run as its parent."""
-    lineage = {k: v for k, v in parent_manifest["lineage"].items() if k != "mlflow_run_id"}
-    lineage.update(parent_run=parent_manifest["lineage"].get("mlflow_run_id"), config_hash=config.hash())
+def new_lineage(config: Config, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The lineage a stage starts from: the settings it ran with (config_hash is the hash of the stage's view of the
+    config; `config` accumulates every stage's non-default settings along the chain), the code version, the inputs it
+    read (paths or URIs) and where the pipeline publishes its output."""
+    lineage: dict[str, Any] = {"base_model": config.base_model.source, "config_hash": config.hash(),
+                               "config": config.model_dump(mode="json", exclude_defaults=True),
+                               "code_version": code_version(), "inputs": {k: str(v) for k, v in inputs.items()}}
+    if os.environ.get(env.PUBLISH_URI):
+        lineage["published_uri"] = os.environ[env.PUBLISH_URI]
     return lineage
 
 
+def inherit_lineage(parent_manifest: dict[str, Any], config: Config, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A stage's lineage: its input's (base model, data and template hashes, template, special tokens, settings),
+    pointing at the input's MLflow run as its parent, and its own (see new_lineage)."""
+    inherited = {k: v for k, v in parent_manifest["lineage"].items() if k not in OWN_LINEAGE}
+    own = new_lineage(config, inputs)
+    own["config"] = {**inherited.get("config", {}), **own["config"]}
+    return {**inherited, **own, "parent_run": parent_manifest["lineage"].get("mlflow_run_id")}
+
+
 def set_lineage(lineage: dict[str, Any]) -> None:
-    # The template itself travels in the manifests; its hash is the tag.
-    tags = {f"lineage.{k}": str(v) for k, v in lineage.items() if v is not None and k != "chat_template"}
-    mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("lineage.special_tokens")})
+    # The template and the settings travel in the manifests (and the params); their hashes are tags.
+    skip = ("chat_template", "config", "special_tokens", "data_objects", "inputs")
+    mlflow.set_tags({f"lineage.{k}": str(v)[:5000] for k, v in lineage.items() if v is not None and k not in skip})

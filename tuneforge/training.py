@@ -1,4 +1,5 @@
-"""What the sft and dpo stages share: precision, trainer arguments, checkpoints and resume, LoRA, loss plots."""
+"""What the training stages share: loading the model to train, precision, trainer arguments, checkpoints and resume,
+LoRA, and the end of a stage (train, save, log, manifest)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,11 @@ import torch
 from mlflow.entities import Metric
 from transformers import TrainerCallback
 
-from tuneforge import storage, tracking
-from tuneforge.config import Config, LoraSettings, TrainSettings
+from tuneforge import distributed, env, models, plots, storage, tracking
+from tuneforge.config import Config, LoraSettings, SftSettings, TrainSettings
+from tuneforge.errors import SetupError
 
 log = logging.getLogger(__name__)
-
-# Where a stage mirrors its checkpoints (an S3 prefix); set by the pipeline when it publishes to S3.
-CHECKPOINT_URI_ENV = "TUNEFORGE_CHECKPOINT_URI"
-
-
-class TrainingSetupError(RuntimeError):
-    """A training setting that cannot work here; raised before any training starts."""
 
 
 def cpu_has_bf16() -> bool:
@@ -43,7 +38,7 @@ def cpu_has_bf16() -> bool:
 def precision(settings: TrainSettings) -> str:
     if settings.precision != "auto":
         if settings.precision == "fp16" and not torch.cuda.is_available():
-            raise TrainingSetupError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+            raise SetupError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         return settings.precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -64,10 +59,10 @@ def resume_from(settings: TrainSettings, checkpoints: Path, endpoint_url: str | 
         return None
     if settings.resume != "auto":
         if not Path(settings.resume).is_dir():
-            raise TrainingSetupError(f"resume: checkpoint {settings.resume} not found")
+            raise SetupError(f"resume: checkpoint {settings.resume} not found")
         return settings.resume
     last = last_complete_checkpoint(checkpoints)
-    mirror = os.environ.get(CHECKPOINT_URI_ENV)
+    mirror = os.environ.get(env.CHECKPOINT_URI)
     if last is None and mirror:
         last = _fetch_mirrored(mirror, checkpoints, endpoint_url)
     if last:
@@ -136,24 +131,53 @@ def choose_attention(model, settings: TrainSettings, longest_row: int) -> str:
     return choice
 
 
-def score_only_labelled_positions() -> None:
-    """Let TRL's fused LM head project only the positions that have labels, on the CPU too.
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[None]:
+    """While training, let TRL's fused LM head project only the positions that have labels, on the CPU too.
 
     It does so on Triton devices, but elsewhere scores every position (prompt and padding included, with entropy
     and top-1 over the whole vocabulary) to keep tile shapes fixed for graph compilers. Eager CPU training has no
-    such constraint, and those positions were about a third of a SmolLM2 LoRA step on this CPU.
+    such constraint, and those positions were about a third of a SmolLM2 LoRA step on this CPU. The switch is TRL's
+    private `_use_triton`; a TRL option to score compactly on every device would make this unnecessary.
     """
     import trl.trainer.utils as trl_utils
 
     use_triton = getattr(trl_utils, "_use_triton", None)
-    if use_triton is None or getattr(use_triton, "tuneforge_cpu", False):
+    if use_triton is None:
+        yield
         return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = use_triton
 
-    def compact_on_cpu(device: torch.device) -> bool:
-        return device.type == "cpu" or use_triton(device)
 
-    compact_on_cpu.tuneforge_cpu = True
-    trl_utils._use_triton = compact_on_cpu
+# Packed examples must not attend to each other. TRL packs them into one row with position ids restarting at each
+# example and calls the model without a cache; transformers' attention masks (eager, sdpa, flex) then keep them apart,
+# and flash attention takes the boundaries from the same position ids. A model whose attention does neither would
+# train on cross-contaminated rows, so it is probed first.
+PACKING_TOLERANCE = 1e-3
+
+
+@torch.no_grad()
+def packing_leak(model) -> float:
+    """The largest logit difference between two short examples run packed into one row (as TRL packs them) and run
+    alone; about 1e-6 where the attention keeps them apart."""
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(3, vocab, (1, n), generator=generator) for n in (9, 6))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        alone = [model(input_ids=x.to(device), use_cache=False).logits[0].float().cpu() for x in (first, second)]
+        positions = torch.cat([torch.arange(9), torch.arange(6)])[None].to(device)
+        packed = model(input_ids=torch.cat([first, second], 1).to(device), position_ids=positions,
+                       use_cache=False).logits[0].float().cpu()
+    finally:
+        model.train(was_training)
+    return max((packed[:9] - alone[0]).abs().max().item(), (packed[9:] - alone[1]).abs().max().item())
 
 
 def optimizer(settings: TrainSettings, quantized: bool) -> str:
@@ -163,22 +187,31 @@ def optimizer(settings: TrainSettings, quantized: bool) -> str:
         return "paged_adamw_8bit" if quantized and torch.cuda.is_available() else "adamw_torch"
     if "8bit" in settings.optimizer or "paged" in settings.optimizer:
         if not torch.cuda.is_available():
-            raise TrainingSetupError(f"optimizer {settings.optimizer} needs a CUDA GPU (bitsandbytes); use adamw_torch "
+            raise SetupError(f"optimizer {settings.optimizer} needs a CUDA GPU (bitsandbytes); use adamw_torch "
                                      "or auto on the CPU")
     return settings.optimizer
 
 
-def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool, quantized: bool = False) -> dict[str, Any]:
-    """Keyword arguments shared by SFTConfig and DPOConfig."""
-    from tuneforge import distributed
-
+def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool, quantized: bool = False,
+                      guard_every: int | None = None) -> dict[str, Any]:
+    """Keyword arguments shared by SFTConfig and DPOConfig. `guard_every`: a LikelihoodGuard watches the evaluations,
+    held every that many steps (eval_steps when set), each with a checkpoint it can go back to."""
     mode = precision(settings)
     eval_steps = settings.eval_steps or settings.save_steps
+    save_steps = settings.save_steps
     early_stopping = settings.early_stopping_patience is not None
     if early_stopping and not has_eval:
-        raise TrainingSetupError("early_stopping_patience needs held-out rows: set data.eval_fraction above 0")
+        raise SetupError("early_stopping_patience needs held-out rows: set data.eval_fraction above 0")
     if early_stopping and settings.save_steps % eval_steps:
-        raise TrainingSetupError("early stopping needs save_steps to be a multiple of eval_steps")
+        raise SetupError("early stopping needs save_steps to be a multiple of eval_steps")
+    best: dict[str, Any] = {"metric_for_best_model": "eval_loss"} if early_stopping else {}
+    if guard_every:
+        if early_stopping:
+            raise SetupError("early_stopping_patience and the likelihood guard would both pick the checkpoint to keep; "
+                             "set dpo.max_chosen_logp_drop: null to stop on eval loss instead")
+        # An evaluation at least every guard_every steps (or every eval_steps), each with a checkpoint to go back to.
+        eval_steps = save_steps = settings.eval_steps or min(settings.save_steps, guard_every)
+        best = {"metric_for_best_model": LikelihoodGuard.METRIC, "greater_is_better": True}
     return dict(
         output_dir=str(checkpoints),
         learning_rate=settings.learning_rate,
@@ -201,10 +234,10 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=settings.save_steps,
+        save_steps=save_steps,
         save_total_limit=settings.save_total_limit,
-        load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
+        load_best_model_at_end=bool(best),
+        **best,
         seed=settings.seed,
         data_seed=settings.seed,
         report_to="none",
@@ -226,37 +259,66 @@ def lora_config(settings: LoraSettings, modules: list[str] | str):
     )
 
 
-def callbacks(settings: TrainSettings, prefix: str, endpoint_url: str | None = None) -> list:
+def callbacks(settings: TrainSettings, prefix: str, tracker: tracking.StageTracker,
+              endpoint_url: str | None = None) -> list:
     from transformers import EarlyStoppingCallback
 
-    found = [MlflowMetrics(prefix)]
-    if os.environ.get(CHECKPOINT_URI_ENV):
-        found.append(MirrorCheckpoints(os.environ[CHECKPOINT_URI_ENV], endpoint_url))
+    found = [MlflowMetrics(prefix, tracker)]
+    if os.environ.get(env.CHECKPOINT_URI):
+        found.append(MirrorCheckpoints(os.environ[env.CHECKPOINT_URI], endpoint_url))
     if settings.early_stopping_patience:
         found.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
     return found
 
 
-def save_history(log_history: list[dict[str, Any]], folder: Path, title: str) -> None:
-    """Write the trainer's log history as JSON and draw its loss curves."""
-    import matplotlib
+class LikelihoodGuard(TrainerCallback):
+    """Watches preference training for likelihood displacement: the policy's log-probability of the chosen answers on
+    the held-out pairs falling far below the reference's while the reward margin still grows. TRL logs the chosen
+    reward, beta * (log p_policy - log p_ref), so the fall is -reward / beta nats per answer. When it passes
+    `max_drop`, training stops, and the Trainer goes back to the newest checkpoint still within it: that checkpoint's
+    step is its best metric (METRIC), every evaluation past the margin scores -1."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    METRIC = "guard_score"
 
-    (folder / "train_history.json").write_text(json.dumps(log_history, indent=1))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
-        points = [(e["step"], e[key]) for e in log_history if key in e]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "loss_curve.png", dpi=100)
-    plt.close(fig)
+    def __init__(self, max_drop: float, beta: float):
+        self.max_drop, self.beta = max_drop, beta
+        self.drops: list[tuple[int, float]] = []
+        self.tripped: dict[str, float] | None = None
+        self.done = False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.done or metrics is None or "eval_rewards/chosen" not in metrics:
+            return
+        drop = -metrics["eval_rewards/chosen"] / self.beta
+        metrics["eval_chosen_logp_drop"] = drop
+        within = drop <= self.max_drop
+        metrics[f"eval_{self.METRIC}"] = float(state.global_step) if within else -1.0
+        self.drops.append((state.global_step, drop))
+        if not within and self.tripped is None:
+            self.tripped = {"step": state.global_step, "drop": drop}
+            log.warning("likelihood guard: at step %d the chosen answers' log-probability is %.1f nats below the "
+                        "reference's (> %.1f): stopping, and keeping the last checkpoint within the margin",
+                        state.global_step, drop, self.max_drop)
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.done = True  # the evaluation after training scores the kept model; it decides nothing
+
+    def report(self, state) -> dict[str, Any]:
+        """What happened, for the lineage and MLflow: every evaluation's drop, where it tripped, what was kept."""
+        kept = None
+        if self.tripped is None:
+            summary = f"held: the chosen answers stayed within {self.max_drop} nats of the reference"
+        else:
+            summary = (f"tripped at step {self.tripped['step']}: the chosen answers' log-probability fell "
+                       f"{self.tripped['drop']:.1f} nats below the reference's (> {self.max_drop}); ")
+            if state.best_metric is not None and state.best_metric >= 0:
+                kept = state.best_global_step
+                summary += f"kept the checkpoint of step {kept}"
+            else:
+                summary += "no evaluation was within the margin, so the last weights are kept"
+        return {"max_drop": self.max_drop, "drops": self.drops, "tripped": self.tripped, "kept_step": kept,
+                "summary": summary}
 
 
 def compute_dtype(settings: TrainSettings) -> torch.dtype:
@@ -264,17 +326,16 @@ def compute_dtype(settings: TrainSettings) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def stage_outputs(config: Config, stage: str, lineage: dict[str, Any], output: Path) -> Iterator[tuple[Any, Path]]:
-    """The stage's MLflow run and its staged output folder. Under torchrun only the main process has them; the others
-    get no run and a scratch folder, and the main process alone writes the output."""
-    from tuneforge import distributed
-
+def stage_outputs(config: Config, stage: str, lineage: dict[str, Any],
+                  output: Path) -> Iterator[tuple[tracking.StageTracker, Path]]:
+    """The stage's MLflow tracker and its staged output folder. Under torchrun only the main process has them; the
+    others get a tracker with no run and a scratch folder, and the main process alone writes the output."""
     if distributed.is_main_process():
-        with tracking.stage_run(config, stage, lineage) as mlrun, storage.staged_output(output) as out:
-            yield mlrun, out
+        with tracking.stage_run(config, stage, lineage) as tracker, storage.staged_output(output) as out:
+            yield tracker, out
     else:
         with tempfile.TemporaryDirectory(prefix=f"tuneforge-{stage}-rank-") as scratch:
-            yield None, Path(scratch)
+            yield tracking.StageTracker(config.tracking.retry_seconds), Path(scratch)
 
 
 def main_process_first():
@@ -301,13 +362,99 @@ def set_adapter_base(folder: Path, base: str) -> None:
     path.write_text(json.dumps(adapter, indent=2))
 
 
+def load_for_training(config: Config, model_path: str):
+    """The model to train as sft.method says: full precision for full and LoRA (mixed precision autocasts), 4 bits
+    for QLoRA. dpo after QLoRA SFT loads the base this way too, as it was trained."""
+    settings: SftSettings = config.sft
+    if settings.method != "qlora":
+        return models.load_model(model_path, config.base_model, dtype=torch.float32)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SetupError("sft.method qlora needs bitsandbytes: pip install bitsandbytes") from None
+    compute = torch.bfloat16 if precision(settings) == "bf16" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+    # Under torchrun each process puts its copy on its own GPU.
+    on_own_gpu = distributed.launched() and torch.cuda.is_available()
+    placement = {"device_map": {"": int(os.environ["LOCAL_RANK"])}} if on_own_gpu else {}
+    model = models.load_model(model_path, config.base_model, dtype=compute, quantization_config=quantization, **placement)
+    # On CPUs with avx512_bf16 any eval-mode forward repacks the 4-bit weights in place and later training
+    # silently loses its gradients, so the 4-bit model must never run in eval mode before or during training.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+
+
+def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTracker, out: Path,
+                   lineage: dict[str, Any], resume: str | None, has_eval: bool, tokenizer, tokenizer_source: str | Path,
+                   adapter_base: str | None, trained_token_fraction: float, guard: LikelihoodGuard | None = None,
+                   **save_options) -> dict[str, Any]:
+    """How every training stage ends: train, evaluate, save the weights (all processes) and, in the main process, the
+    tokenizer, the adapter's base name, the loss history and curve, the MLflow metrics and the manifest (last).
+    `adapter_base` is what the saved adapter names as its base; None for full weights. A guard's report goes into the
+    lineage (`likelihood_guard`) and MLflow."""
+    with labelled_positions_only():
+        result = trainer.train(resume_from_checkpoint=resume)
+    if guard is not None:
+        lineage["likelihood_guard"] = guard.report(trainer.state)
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step,
+               "trained_token_fraction": trained_token_fraction}
+    metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    if has_eval:
+        metrics.update(trainer.evaluate())
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    save_trained(trainer, out, **save_options)
+    if not distributed.is_main_process():
+        return metrics
+    if adapter_base is not None and distributed.world_size() == 1:
+        metrics["adapter_reload_max_abs_diff"] = adapter_reload_difference(trainer, out)
+    models.save_tokenizer(tokenizer, out, tokenizer_source)
+    if adapter_base is not None:
+        set_adapter_base(out, adapter_base)
+    history = trainer.state.log_history
+    (out / "train_history.json").write_text(json.dumps(history, indent=1))
+    plots.loss_curve(history, out / "loss_curve.png", title)
+    tracker.record(f"artifact {stage}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"), artifact_path=stage)
+    tracker.record("the final metrics", mlflow.log_metrics,
+                   {f"{stage}/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    if guard is not None:
+        tracker.record("the likelihood guard", mlflow.set_tags,
+                       {f"{stage}.likelihood_guard": lineage["likelihood_guard"]["summary"]})
+    lineage.update(kind="adapter" if adapter_base is not None else "full", trained_by=stage, **tracker.run_record())
+    storage.write_manifest(out, stage, lineage, metrics)
+    return metrics
+
+
+def adapter_reload_difference(trainer, out: Path) -> float:
+    """The saved adapter read back from disk against the trained one in memory: every tensor, largest difference
+    (0.0 when they are the same; infinite when a tensor is missing on either side)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trained = get_peft_model_state_dict(model, adapter_name="default")
+    saved = load_file(out / "adapter_model.safetensors")
+    if set(trained) != set(saved):
+        return float("inf")
+    return max((saved[k].float() - trained[k].detach().float().cpu()).abs().max().item() for k in saved)
+
+
 class MlflowMetrics(TrainerCallback):
     """Send the Trainer's logs to the stage's MLflow run from a background thread, so a slow or unreachable server
     never holds up training: values that cannot be sent are kept and sent later; what is still unsent when training
     ends is retried within tracking.retry_seconds and then reported as unlogged (train_history.json has it all)."""
 
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
+    def __init__(self, prefix: str, tracker: tracking.StageTracker):
+        self.prefix, self.tracker = prefix, tracker
         self.run_id: str | None = None
         self.pending: list[Metric] = []
         self.lock = threading.Lock()
@@ -316,8 +463,8 @@ class MlflowMetrics(TrainerCallback):
         self.sender: threading.Thread | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and mlflow.active_run() and self.sender is None:
-            self.run_id = mlflow.active_run().info.run_id
+        if state.is_world_process_zero and self.tracker.run and self.sender is None:
+            self.run_id = self.tracker.run_id
             self.sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
             self.sender.start()
 
@@ -346,7 +493,7 @@ class MlflowMetrics(TrainerCallback):
             with self.lock:
                 steps = sorted({m.step for m in self.pending})
                 what = f"{len(self.pending)} metric values of steps {steps[0]}-{steps[-1]}"
-            if not tracking.record(what, self._send_some):
+            if not self.tracker.record(what, self._send_some):
                 with self.lock:
                     self.pending.clear()
                 return

@@ -8,14 +8,26 @@ import json
 import random
 from pathlib import Path
 
-TRAIN_NAMES = """Maria John Aisha Kenji Olga Pedro Fatima Lars Mei Tomas Ingrid Rahul Chloe Omar Sofia Diego Hana
-Lukas Amara Ivan Nadia Felix Leila Mateo Yuki Emil Zara Andre Priya Noah Elena Hugo Sara Kofi Lina Marco Anya
-Theo Rosa Farid""".split()
-TRAIN_CITIES = """Lisbon Berlin Nairobi Osaka Warsaw Lima Cairo Oslo Shanghai Prague Bergen Mumbai Lyon Dubai Madrid
-Bogota Kyoto Vienna Lagos Kazan Tunis Zurich Tehran Quito Sapporo Malmo Accra Porto Delhi Boston Athens Geneva
-Seville Accra Dakar Milan Tallinn Leeds Havana Hanoi""".split()
-EVAL_NAMES = "Greta Samir Ilse Bruno Keiko Dmitri Alma Tariq Joana Viktor Esme Rafael Nora Idris Paula".split()
-EVAL_CITIES = "Denver Riga Perth Krakow Manila Valencia Montreal Seoul Turin Cusco Bremen Ghent Lahore Nantes Tbilisi".split()
+TRAIN_NAMES = [
+    "Maria", "John", "Aisha", "Kenji", "Olga", "Pedro", "Fatima", "Lars", "Mei", "Tomas", "Ingrid", "Rahul",
+    "Chloe", "Omar", "Sofia", "Diego", "Hana", "Lukas", "Amara", "Ivan", "Nadia", "Felix", "Leila", "Mateo",
+    "Yuki", "Emil", "Zara", "Andre", "Priya", "Noah", "Elena", "Hugo", "Sara", "Kofi", "Lina", "Marco", "Anya",
+    "Theo", "Rosa", "Farid"
+]
+TRAIN_CITIES = [
+    "Lisbon", "Berlin", "Nairobi", "Osaka", "Warsaw", "Lima", "Cairo", "Oslo", "Shanghai", "Prague", "Bergen",
+    "Mumbai", "Lyon", "Dubai", "Madrid", "Bogota", "Kyoto", "Vienna", "Lagos", "Kazan", "Tunis", "Zurich",
+    "Tehran", "Quito", "Sapporo", "Malmo", "Accra", "Porto", "Delhi", "Boston", "Athens", "Geneva", "Seville",
+    "Accra", "Dakar", "Milan", "Tallinn", "Leeds", "Havana", "Hanoi"
+]
+EVAL_NAMES = [
+    "Greta", "Samir", "Ilse", "Bruno", "Keiko", "Dmitri", "Alma", "Tariq", "Joana", "Viktor", "Esme", "Rafael",
+    "Nora", "Idris", "Paula"
+]
+EVAL_CITIES = [
+    "Denver", "Riga", "Perth", "Krakow", "Manila", "Valencia", "Montreal", "Seoul", "Turin", "Cusco", "Bremen",
+    "Ghent", "Lahore", "Nantes", "Tbilisi"
+]
 
 TEMPLATES = [
     "{name} moved to {city} last year to work as a {job}.",
@@ -27,7 +39,7 @@ TEMPLATES = [
     "The {job} {name} gave a talk in {city} on Monday.",
     "Born and raised in {city}, {name} now teaches music.",
 ]
-JOBS = "nurse engineer teacher pilot chef designer doctor farmer writer lawyer".split()
+JOBS = ["nurse", "engineer", "teacher", "pilot", "chef", "designer", "doctor", "farmer", "writer", "lawyer"]
 INSTRUCTION = "Extract the person's name and the city from the sentence. Answer with JSON only."
 
 

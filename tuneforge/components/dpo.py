@@ -4,6 +4,9 @@ Inputs: data (a data-prep output with preference pairs), model (an sft output).
 Reference model: after LoRA SFT, the SFT adapter itself (trl keeps a frozen copy and trains the other);
 after full SFT, the SFT model with the new DPO adapter switched off. No second model is loaded either way.
 Backends and processes as for sft (`dpo.backend`, `dpo.distributed`); with Unsloth, its PatchDPOTrainer step.
+The likelihood guard (`dpo.max_chosen_logp_drop`, training.LikelihoodGuard) stops a run that pushes the chosen answers'
+log-probability far below the reference's and keeps the last checkpoint within the margin; `dpo.rpo_alpha` adds
+TRL's NLL term on the chosen answers (RPO), which holds them up.
 Outputs: a LoRA adapter, the tokenizer, train_history.json, loss_curve.png, manifest.json. An adapter trained
 on top of a full SFT model records `adapter_base: sft`: merge it with `--input base=SFT_OUTPUT`.
 """
@@ -12,29 +15,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
-from datasets import Dataset
 
 from tuneforge import backends, distributed, models, storage, tracking, training
-from tuneforge.components.sft import load_for_training
 from tuneforge.config import Config
-from tuneforge.training import TrainingSetupError
+from tuneforge.data import prepared
+from tuneforge.errors import SetupError
 
 log = logging.getLogger(__name__)
 
 STAGE = "dpo"
-
-
-def load_pairs(data_dir: Path, split: str) -> Dataset:
-    path = data_dir / f"preference_{split}.jsonl"
-    if path.stat().st_size == 0:
-        return Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
-    return Dataset.from_json(str(path))
 
 
 def load_with_unsloth(config: Config, sft_dir: Path, sft_kind: str, quantized: bool):
@@ -61,6 +56,14 @@ def load_with_unsloth(config: Config, sft_dir: Path, sft_kind: str, quantized: b
     return backends.unsloth_lora(model, settings.lora, modules, settings, config.data.max_length)
 
 
+def _guard_every(settings, pairs: int) -> int:
+    """How often the likelihood guard looks when dpo.eval_steps is not set: about five times over the run."""
+    steps = settings.max_steps
+    if steps <= 0:
+        steps = math.ceil(math.ceil(pairs / (settings.batch_size * settings.grad_accum)) * settings.epochs)
+    return max(1, steps // 5)
+
+
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     settings = config.dpo
     if distributed.needs_launch(settings):
@@ -77,10 +80,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     data_manifest = storage.read_manifest(data_dir, "data-prep")
     sft_manifest = storage.read_manifest(sft_dir, "sft")
     if sft_manifest["lineage"]["chat_template_sha256"] != data_manifest["lineage"]["chat_template_sha256"]:
-        raise TrainingSetupError(f"{sft_dir} was trained with another chat template than {data_dir} records")
-    train, evaluation = load_pairs(data_dir, "train"), load_pairs(data_dir, "eval")
+        raise SetupError(f"{sft_dir} was trained with another chat template than {data_dir} records")
+    train, evaluation = prepared.preference_split(data_dir, "train"), prepared.preference_split(data_dir, "eval")
     if len(train) == 0:
-        raise TrainingSetupError(
+        raise SetupError(
             f"{data_dir}: no preference pairs to train on; add prompt/chosen/rejected data or set dpo.enabled: false"
         )
     has_eval = len(evaluation) > 0
@@ -102,23 +105,33 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     elif sft_kind == "adapter":
         # After QLoRA SFT the base is loaded in 4 bits again, as it was trained.
         base_path = models.resolve(config.base_model)
-        model = PeftModel.from_pretrained(load_for_training(config, base_path), str(sft_dir), is_trainable=True)
+        model = PeftModel.from_pretrained(training.load_for_training(config, base_path), str(sft_dir), is_trainable=True)
         # The adapter names the base portably; peft looks that name up when saving, so give it the local path.
         model.peft_config["default"].base_model_name_or_path = base_path
     else:
         model = models.load_model(str(sft_dir), config.base_model)
         peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
 
+    guard = None
+    if settings.max_chosen_logp_drop is not None:
+        if has_eval:
+            guard = training.LikelihoodGuard(settings.max_chosen_logp_drop, settings.beta)
+        else:
+            log.warning("the likelihood guard is off: there are no held-out pairs to watch (data.eval_fraction 0?)")
+    # RPO: TRL's NLL term on the chosen answers, next to the DPO loss.
+    losses = {"loss_type": [settings.loss_type, "sft"], "loss_weights": [1.0, settings.rpo_alpha]} if settings.rpo_alpha \
+        else {"loss_type": [settings.loss_type]}
     args = DPOConfig(
-        **training.trainer_arguments(settings, checkpoints, has_eval, quantized=quantized),
+        **training.trainer_arguments(settings, checkpoints, has_eval, quantized=quantized,
+                                     guard_every=_guard_every(settings, len(train)) if guard else None),
         beta=settings.beta,
-        loss_type=[settings.loss_type],
         max_length=config.data.max_length,
+        **losses,
     )
-    lineage = tracking.inherit_lineage(sft_manifest, config)
-    lineage.update(backend=backend, backend_reason=why, **distributed.describe(settings))
-    training.score_only_labelled_positions()
-    with training.stage_outputs(config, STAGE, lineage, output) as (mlrun, out):
+    lineage = tracking.inherit_lineage(sft_manifest, config, inputs)
+    lineage.update(backend=backend, backend_reason=why, method="lora", adapter_base=adapter_base,
+                   **distributed.describe(settings))
+    with training.stage_outputs(config, STAGE, lineage, output) as (tracker, out):
         trainer = DPOTrainer(
             model=model,
             args=args,
@@ -126,30 +139,23 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             eval_dataset=evaluation if has_eval else None,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=training.callbacks(settings, "dpo/", config.storage.endpoint_url),
+            callbacks=training.callbacks(settings, "dpo/", tracker, config.storage.endpoint_url) + ([guard] if guard else []),
         )
+        rows = trainer.train_dataset
+        lengths = [(len(p), len(c), len(r))
+                   for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)]
         if backend == "unsloth":
             lineage["attention"] = "unsloth"
         else:
-            rows = trainer.train_dataset
-            longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+            longest = max(p + max(c, r) for p, c, r in lengths)
             lineage["attention"] = training.choose_attention(trainer.model, settings, longest)
-        result = trainer.train(resume_from_checkpoint=resume)
-        metrics = {"train_loss": result.training_loss, "steps": result.global_step}
-        if has_eval:
-            metrics.update(trainer.evaluate())
-        if torch.cuda.is_available():
-            metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        training.save_trained(trainer, out, selected_adapters=["default"])
-        if distributed.is_main_process():
-            models.save_tokenizer(tokenizer, out, sft_dir)
-            training.set_adapter_base(out, config.base_model.source if adapter_base == "base_model" else "sft")
-            training.save_history(trainer.state.log_history, out, "DPO")
-            tracking.record(f"artifact {STAGE}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"),
-                            artifact_path=STAGE)
-            tracking.record("the final metrics", mlflow.log_metrics,
-                            {f"dpo/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-            lineage.update(kind="adapter", method="lora", adapter_base=adapter_base, **tracking.run_record(mlrun))
-            storage.write_manifest(out, STAGE, lineage, metrics)
+        # Both answers are trained on; their prompt is not.
+        answer_tokens = sum(c + r for _, c, r in lengths)
+        metrics = training.train_and_save(
+            trainer, stage=STAGE, title="DPO", tracker=tracker, out=out, lineage=lineage, resume=resume,
+            has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir,
+            adapter_base=config.base_model.source if adapter_base == "base_model" else "sft",
+            trained_token_fraction=answer_tokens / (answer_tokens + sum(2 * p for p, _, _ in lengths)), guard=guard,
+            selected_adapters=["default"])
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return {"status": "succeeded", "metrics": metrics, "output": str(output)}
+    return tracker.result(metrics, output)

@@ -1,7 +1,10 @@
-"""Stage evaluate: score the base model and the candidate on the same held-out data.
+"""Stage evaluate: score the base model, the current champion and the candidate on the same held-out data.
 
-Inputs: data (data-prep output), model (merge output); optional sft and dpo outputs, whose loss curves go
-into the report.
+Inputs: data (data-prep output), model (merge output); optional: champion (the registered champion's merged model, a
+local folder or an s3:// URI: fetched and its checksums verified; when it cannot be read, the reason is recorded and
+register falls back to the champion's stored metrics), sft_merged (with DPO after SFT: the SFT model merged; both are
+scored and DPO's is the candidate unless it made the SFT model worse, see `winner`), sft and dpo outputs, whose loss
+curves (and the DPO likelihood guard's report) go into the report.
 Metrics, for both models: loss and perplexity on the held-out SFT rows, preference accuracy on held-out
 pairs (sum log p(chosen) > sum log p(rejected)), and generation tasks scored by exact match, contains and
 ROUGE-L. The chat template must be the one data-prep recorded.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,10 @@ import mlflow
 import torch
 from rouge_score import rouge_scorer
 
-from tuneforge import chat_templates, models, storage, tracking
-from tuneforge.components.sft import load_split
+from tuneforge import advice, chat_templates, checklist, models, plots, registry, storage, tracking
 from tuneforge.config import Config
-from tuneforge.training import TrainingSetupError
+from tuneforge.data import prepared
+from tuneforge.errors import SetupError, TuneforgeError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +114,8 @@ def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_
         metrics["preference_accuracy"] = preference_accuracy(model, tokenizer, data["pairs"])
     outputs: list[str] = []
     if data["tasks"]:
-        outputs = generate(model, tokenizer, [t["prompt"] for t in data["tasks"]], stop_ids, settings.max_new_tokens, settings.batch_size)
+        prompts = [t["prompt"] for t in data["tasks"]]
+        outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.batch_size)
         scorer = rouge_scorer.RougeScorer(["rougeL"])
         per_task = [score(o, t["expected"], scorer) for o, t in zip(outputs, data["tasks"], strict=True)]
         for name in SCORES:
@@ -122,9 +127,9 @@ def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_
 
 def load_heldout(data_dir: Path, config: Config) -> dict[str, Any]:
     limit = config.evaluate.max_examples
-    sft = load_split(data_dir, "eval", config.sft.loss_on)
-    pairs = [json.loads(line) for line in (data_dir / "preference_eval.jsonl").read_text().splitlines() if line]
-    tasks = [json.loads(line) for line in (data_dir / "eval_tasks.jsonl").read_text().splitlines() if line]
+    sft = prepared.sft_split(data_dir, "eval", config.sft.loss_on)
+    pairs = prepared.read_jsonl(data_dir / "preference_eval.jsonl")
+    tasks = prepared.read_jsonl(data_dir / "eval_tasks.jsonl")
     return {"sft": sft.select(range(min(limit, len(sft)))).to_list(), "pairs": pairs[:limit], "tasks": tasks[:limit]}
 
 
@@ -136,101 +141,127 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     tokenizer = models.load_tokenizer(str(model_dir), config.base_model)
     carried = chat_templates.template_hash(tokenizer.chat_template or "")
     if recorded != model_manifest["lineage"]["chat_template_sha256"] or carried != recorded:
-        raise TrainingSetupError(
+        raise SetupError(
             f"chat template mismatch: data-prep recorded {recorded[:12]}, the model at {model_dir} carries "
             f"{carried[:12]}; evaluate the model with the data it was trained on"
         )
     data = load_heldout(data_dir, config)
     if not any(data.values()):
-        raise TrainingSetupError(f"{data_dir}: nothing held out to evaluate (no eval rows, pairs or tasks)")
+        raise SetupError(f"{data_dir}: nothing held out to evaluate (no eval rows, pairs or tasks)")
     stop_ids = sorted(set(tokenizer.convert_tokens_to_ids(data_manifest["lineage"]["special_tokens"]["stop"])))
 
-    results, generations = {}, {}
-    base_path = models.resolve(config.base_model)
-    for name, path in (("base", base_path), ("candidate", str(model_dir))):
-        log.info("evaluating %s model", name)
-        model = models.load_model(path, config.base_model)
-        results[name], generations[name] = evaluate_model(model, tokenizer, data, config, stop_ids)
-        del model
+    results: dict[str, Any] = {}
+    generations: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="tuneforge-champion-") as scratch:
+        scored = {"base": models.resolve(config.base_model)}
+        if "champion" in inputs:
+            champion_dir, results["champion_model_sha256"], error = _champion(inputs["champion"], recorded, Path(scratch),
+                                                                              config.storage.endpoint_url)
+            if error:
+                log.warning("the champion is not re-scored: %s", error)
+                results["champion_error"] = error
+            else:
+                scored["champion"] = champion_dir
+        # With DPO after SFT both trained models are scored, and the better one is the candidate.
+        contenders = {model_manifest["lineage"].get("trained_by", "dpo" if "dpo" in inputs else "sft"): str(model_dir)}
+        if "sft_merged" in inputs:
+            sft_manifest = storage.read_manifest(Path(inputs["sft_merged"]), "merge")
+            if sft_manifest["lineage"]["chat_template_sha256"] != recorded:
+                raise SetupError(f"{inputs['sft_merged']} was trained with another chat template than {data_dir} records")
+            contenders["sft"] = str(inputs["sft_merged"])
+        scored.update(contenders if len(contenders) > 1 else {"candidate": str(model_dir)})
+        for name, path in scored.items():
+            log.info("evaluating the %s model", name)
+            model = models.load_model(path, config.base_model)
+            results[name], generations[name] = evaluate_model(model, tokenizer, data, config, stop_ids)
+            del model
+    results["trained_by"] = next(iter(contenders))
+    if len(contenders) > 1:
+        results["winner"], results["winner_reason"] = _better(results["dpo"], results["sft"], config)
+        log.info("the %s model is the candidate: %s", results["winner"], results["winner_reason"])
+        results["candidate"], results["trained_by"] = results[results["winner"]], results["winner"]
+        generations["candidate"] = generations[results["winner"]]
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
+    models_scored = tuple(scored)
 
-    lineage = tracking.inherit_lineage(model_manifest, config)
-    with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
-        (out / "metrics.json").write_text(json.dumps(results, indent=2))
-        samples = [
-            {"prompt": t["messages"][-1]["content"], "expected": t["expected"], "base": b, "candidate": c}
-            for t, b, c in zip(data["tasks"], generations["base"], generations["candidate"], strict=False)
-        ][: config.evaluate.samples]
-        _plot_before_after(results, out / "before_after.png")
-        curves = _plot_loss_curves({k: inputs[k] for k in ("sft", "dpo") if k in inputs}, out / "loss_curves.png")
-        (out / "report.md").write_text(_report(results, samples, curves))
-        for model_name in ("base", "candidate"):
-            tracking.record(f"the {model_name} metrics", mlflow.log_metrics,
-                            {f"{model_name}/{k}": v for k, v in results[model_name].items()})
-        tracking.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
-        lineage.update(tracking.run_record(mlrun))
-        storage.write_manifest(out, STAGE, lineage, results)
-    return {"status": "succeeded", "metrics": results, "output": str(output)}
-
-
-def _plot_before_after(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rates = [k for k in results["candidate"] if k.startswith("task_") or k == "preference_accuracy"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), gridspec_kw={"width_ratios": [max(len(rates), 1), 1.5]})
-    width = 0.38
-    for offset, name, colour in ((-width / 2, "base", "#8c8c8c"), (width / 2, "candidate", "#4c72b0")):
-        axes[0].bar([i + offset for i in range(len(rates))], [results[name][k] for k in rates], width, label=name, color=colour)
-        if "eval_loss" in results[name]:
-            axes[1].bar([offset], [results[name]["eval_loss"]], width, color=colour)
-    axes[0].set_xticks(range(len(rates)), rates, rotation=20, fontsize=8)
-    axes[0].set_ylim(0, 1)
-    axes[0].set_title("held-out scores (higher is better)")
-    axes[0].legend()
-    axes[1].set_xticks([0], ["eval_loss"])
-    axes[1].set_title("loss (lower is better)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_loss_curves(stage_dirs: dict[str, Path], path: Path) -> bool:
-    histories = {k: Path(v) / "train_history.json" for k, v in stage_dirs.items()}
+    histories = {k: Path(inputs[k]) / "train_history.json" for k in ("sft", "dpo") if k in inputs}
     histories = {k: json.loads(v.read_text()) for k, v in histories.items() if v.exists()}
-    if not histories:
-        return False
-    import matplotlib
+    trained = {k: storage.read_manifest(Path(inputs[k]), k) for k in ("sft", "dpo") if k in inputs}
+    guard = trained["dpo"]["lineage"].get("likelihood_guard") if "dpo" in trained else None
+    candidate_merge = (storage.read_manifest(Path(inputs["sft_merged"]), "merge")
+                       if results.get("winner") == "sft" else model_manifest)
+    results["checklist"] = checklist.from_training(config, results, data_manifest, trained, candidate_merge, histories)
+    results["hyperparameter_warnings"] = advice.hyperparameter_warnings(config)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    lineage = tracking.inherit_lineage(model_manifest, config, inputs)
+    with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        samples = [{"prompt": t["messages"][-1]["content"], "expected": t["expected"],
+                    **{name: generations[name][i] for name in models_scored}}
+                   for i, t in enumerate(data["tasks"][: config.evaluate.samples])]
+        plots.scores(results, models_scored, out / "before_after.png")
+        if histories:
+            plots.loss_curves(histories, out / "loss_curves.png")
+        (out / "report.md").write_text(_report(results, models_scored, samples, bool(histories), guard))
+        for model_name in models_scored:
+            tracker.record(f"the {model_name} metrics", mlflow.log_metrics,
+                           {f"{model_name}/{k}": v for k, v in results[model_name].items()})
+        tracker.record("the checklist", mlflow.set_tags,
+                       {f"checklist.{i['key']}": i["status"] for i in results["checklist"]})
+        tracker.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
+        lineage.update(tracker.run_record())
+        storage.write_manifest(out, STAGE, lineage, results)
+    return tracker.result(results, output)
 
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
-    for ax, (stage, history) in zip(axes[0], histories.items(), strict=True):
-        for key in ("loss", "eval_loss"):
-            points = [(e["step"], e[key]) for e in history if key in e]
-            if points:
-                ax.plot(*zip(*points, strict=True), label=key, marker="o" if key == "eval_loss" else None)
-        ax.set_title(f"{stage} loss")
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+
+def _better(dpo: dict[str, float], sft: dict[str, float], config: Config) -> tuple[str, str]:
+    """Which trained model goes on, and why: DPO's, unless it made the primary metric worse than SFT's or broke a
+    registry guard against it."""
+    kept, reasons = registry.not_worse(dpo, sft, config.registry)
+    if kept:
+        return "dpo", "dpo is not worse than sft: " + "; ".join(reasons)
+    return "sft", "dpo made the sft model worse: " + "; ".join(reasons)
 
 
-def _report(results: dict[str, Any], samples: list[dict[str, str]], curves: bool) -> str:
-    lines = ["# Evaluation", "", "| metric | base | candidate | delta |", "|---|---|---|---|"]
-    for key, value in results["candidate"].items():
-        lines.append(f"| {key} | {results['base'][key]:.4f} | {value:.4f} | {results['delta'][key]:+.4f} |")
-    lines += ["", "![before and after](before_after.png)", ""]
+def _champion(reference: str | Path, template_sha256: str, scratch: Path,
+              endpoint_url: str | None) -> tuple[str | None, str | None, str | None]:
+    """The champion's merged model as a verified local folder, its digest, or why it cannot be read."""
+    try:
+        if storage.is_s3(reference):
+            folder = storage.fetch(str(reference), scratch / "champion", endpoint_url)  # checks every file's sha256
+        else:
+            folder = Path(reference)
+        manifest = storage.read_manifest(folder, "merge", verify=True)
+    except TuneforgeError as exc:
+        return None, None, f"its files at {reference} cannot be read: {exc}"
+    if manifest["lineage"].get("chat_template_sha256") != template_sha256:
+        return None, storage.content_digest(manifest), "it was trained with another chat template than this run's data"
+    return str(folder), storage.content_digest(manifest), None
+
+
+def _report(results: dict[str, Any], models_scored: tuple[str, ...], samples: list[dict[str, str]], curves: bool,
+            guard: dict[str, Any] | None) -> str:
+    lines = ["# Evaluation", "", "All models on the same held-out data.", ""]
+    if "winner" in results:
+        lines += [f"**Candidate: the {results['winner']} model.** {results['winner_reason']}.", ""]
+    if guard:
+        lines += [f"DPO likelihood guard: {guard['summary']}.", ""]
+    lines += ["## The guide's checklist", "", checklist.markdown(results["checklist"])]
+    if results["hyperparameter_warnings"]:
+        lines += ["## Settings outside the guide's hyperparameter table", "",
+                  *[f"- {w}" for w in results["hyperparameter_warnings"]], ""]
+    lines += ["| metric | " + " | ".join(models_scored) + " | candidate - base |", "|---" * (len(models_scored) + 2) + "|"]
+    for key in results["candidate"]:
+        cells = [f"{results[m][key]:.4f}" for m in models_scored]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {results['delta'][key]:+.4f} |")
+    if results.get("champion_error"):
+        lines += ["", f"The champion is not re-scored: {results['champion_error']}."]
+    lines += ["", "![scores](before_after.png)", ""]
     if curves:
         lines += ["![loss curves](loss_curves.png)", ""]
     if samples:
-        lines += ["## Sample generations", "", "| prompt | expected | base | candidate |", "|---|---|---|---|"]
+        lines += ["## Sample generations", "", "| prompt | expected | " + " | ".join(models_scored) + " |",
+                  "|---" * (len(models_scored) + 2) + "|"]
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
-        lines += [f"| {cell(s['prompt'])} | {cell(s['expected'])} | {cell(s['base'])} | {cell(s['candidate'])} |" for s in samples]
+        lines += ["| " + " | ".join(cell(s[k]) for k in ("prompt", "expected", *models_scored)) + " |" for s in samples]
     return "\n".join(lines) + "\n"

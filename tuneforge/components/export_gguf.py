@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from gguf import GGUFReader
 
-from tuneforge import chat_templates, gguf, models, storage, tracking
+from tuneforge import chat_templates, gguf_writer, models, storage, tracking
 from tuneforge.config import Config
+from tuneforge.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ OLLAMA_TEMPLATES = {
 
 
 def choose_verifier(requested: str) -> str:
-    available = gguf.llama_cpp_available()
+    available = gguf_writer.llama_cpp_available()
     if requested == "llama_cpp" and not available:
-        raise gguf.ExportError("export.verifier llama_cpp needs llama-cpp-python: install the gguf extra")
+        raise ExportError("export.verifier llama_cpp needs llama-cpp-python: install the gguf extra")
     if requested == "auto":
         if not available:
             log.warning("llama-cpp-python is not installed: verifying GGUF files with transformers' reader instead")
@@ -58,7 +59,8 @@ def choose_verifier(requested: str) -> str:
     return requested
 
 
-def gguf_logits(path: Path, verifier: str, token_ids: list[list[int]], texts: list[str]) -> tuple[list[np.ndarray], list[list[int]] | None]:
+def gguf_logits(path: Path, verifier: str, token_ids: list[list[int]],
+                texts: list[str]) -> tuple[list[np.ndarray], list[list[int]] | None]:
     """Per-position logits of the GGUF file on each probe, and (llama.cpp only) how it tokenizes each text."""
     if verifier == "llama_cpp":
         from llama_cpp import Llama
@@ -95,7 +97,8 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[st
     }
 
 
-def modelfile(gguf_name: str, chat_template: str, rendered_user_turn: str, stop_tokens: list[str], temperature: float, num_ctx: int) -> str:
+def modelfile(gguf_name: str, chat_template: str, rendered_user_turn: str, stop_tokens: list[str], temperature: float,
+              num_ctx: int) -> str:
     """An Ollama Modelfile; `rendered_user_turn` (one user message through the template) reveals a default system prompt."""
     lines = [f"FROM ./{gguf_name}", ""]
     family = next((marker for marker in OLLAMA_TEMPLATES if marker in chat_template), None)
@@ -115,16 +118,16 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     settings = config.export
     model_dir = Path(inputs["model"])
     manifest = storage.read_manifest(model_dir, "merge")
-    lineage = tracking.inherit_lineage(manifest, config)
+    lineage = tracking.inherit_lineage(manifest, config, inputs)
     chat_template = lineage["chat_template"]
     stop_tokens = lineage["special_tokens"]["stop"]
-    gguf.architecture(json.loads((model_dir / "config.json").read_text()))
+    gguf_writer.architecture(json.loads((model_dir / "config.json").read_text()))
     verifier = choose_verifier(settings.verifier)
-    gguf.require_quantizer([t for t in settings.types if t in gguf.LLAMA_CPP_TYPES])
+    gguf_writer.require_quantizer([t for t in settings.types if t in gguf_writer.LLAMA_CPP_TYPES])
 
     tokenizer = models.load_tokenizer(str(model_dir), config.base_model)
     if chat_templates.template_hash(tokenizer.chat_template or "") != lineage["chat_template_sha256"]:
-        raise gguf.ExportError(f"{model_dir}: its tokenizer's chat template is not the one used in training")
+        raise ExportError(f"{model_dir}: its tokenizer's chat template is not the one used in training")
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in settings.probes
@@ -137,43 +140,49 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     del reference_model
 
     results: dict[str, Any] = {"verifier": verifier, "types": {}}
-    with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
+    with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
         intermediate = None
+        templates: dict[str, str] = {}
+        identity = {"name": config.name, "chat_template": chat_template, "stop_tokens": stop_tokens}
         for gguf_type in settings.types:
             path = out / f"{config.name}-{gguf_type}.gguf"
             log.info("writing %s", path.name)
-            if gguf_type in gguf.PYTHON_TYPES:
-                gguf.write_gguf(model_dir, path, gguf_type, name=config.name, chat_template=chat_template, stop_tokens=stop_tokens)
+            if gguf_type in gguf_writer.PYTHON_TYPES:
+                gguf_writer.write_gguf(model_dir, path, gguf_type, **identity)
             else:
                 if intermediate is None:
                     intermediate = out.parent / f".{out.name}-f16.gguf.tmp"
-                    gguf.write_gguf(model_dir, intermediate, "f16", name=config.name, chat_template=chat_template, stop_tokens=stop_tokens)
-                gguf.quantize_with_llama_cpp(intermediate, path, gguf_type, threads=os.cpu_count() or 1)
+                    gguf_writer.write_gguf(model_dir, intermediate, "f16", **identity)
+                gguf_writer.quantize_with_llama_cpp(intermediate, path, gguf_type, threads=os.cpu_count() or 1)
             logits, tokenized = gguf_logits(path, verifier, token_ids, texts)
             check = compare(reference, logits)
             check["size_bytes"] = path.stat().st_size
             # K-quants need rows of 256; llama.cpp silently stores other tensors in other types, so say which.
-            check["tensor_types"] = dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors))
+            reader = GGUFReader(path)
+            check["tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
+            # The chat template as the file carries it, read back: what llama.cpp and Ollama will render with.
+            templates[gguf_type] = chat_templates.template_hash(reader.fields["tokenizer.chat_template"].contents())
             if tokenized is not None:
                 check["tokenizer_agreement"] = float(np.mean([a == b for a, b in zip(tokenized, token_ids, strict=True)]))
             results["types"][gguf_type] = check
             (out / f"Modelfile.{gguf_type}").write_text(
                 modelfile(path.name, chat_template, texts[0], stop_tokens, settings.temperature, settings.num_ctx)
             )
-            tracking.record(f"the {gguf_type} checks", mlflow.log_metrics,
-                            {f"{gguf_type}/{k}": v for k, v in check.items() if isinstance(v, (int, float))})
+            tracker.record(f"the {gguf_type} checks", mlflow.log_metrics,
+                           {f"{gguf_type}/{k}": v for k, v in check.items() if isinstance(v, (int, float))})
         if intermediate is not None:
             intermediate.unlink()
         (out / "verification.json").write_text(json.dumps(results, indent=2))
         for name in ("verification.json", *(f"Modelfile.{t}" for t in settings.types)):
-            tracking.record(f"artifact {STAGE}/{name}", mlflow.log_artifact, str(out / name), artifact_path=STAGE)
+            tracker.record(f"artifact {STAGE}/{name}", mlflow.log_artifact, str(out / name), artifact_path=STAGE)
         failures = _failures(results, config)
         if failures:
-            raise gguf.ExportError("GGUF verification failed: " + "; ".join(failures))
-        lineage.update(gguf_files={t: f"{config.name}-{t}.gguf" for t in settings.types}, **tracking.run_record(mlrun))
+            raise ExportError("GGUF verification failed: " + "; ".join(failures))
+        lineage.update(gguf_files={t: f"{config.name}-{t}.gguf" for t in settings.types},
+                       gguf_chat_template_sha256=templates, **tracker.run_record())
         storage.write_manifest(out, STAGE, lineage, results)
     log.info("export-gguf: %s", results)
-    return {"status": "succeeded", "metrics": results, "output": str(output)}
+    return tracker.result(results, output)
 
 
 def _failures(results: dict[str, Any], config: Config) -> list[str]:

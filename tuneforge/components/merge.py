@@ -19,7 +19,7 @@ import torch
 
 from tuneforge import models, storage, tracking
 from tuneforge.config import Config
-from tuneforge.training import TrainingSetupError
+from tuneforge.errors import MergeCheckError, SetupError
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,13 @@ PROBES = [
 ]
 
 
-class MergeCheckError(RuntimeError):
-    """The merged model does not reproduce the adapter model."""
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.no_grad()
 def probe_logits(model, tokenizer) -> torch.Tensor:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROBES]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROBES]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     logits = model(**batch).logits.float()
     return logits[batch["attention_mask"].bool()]
@@ -62,7 +59,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     else:
         if lineage_in.get("adapter_base") == "sft":
             if "base" not in inputs:
-                raise TrainingSetupError(
+                raise SetupError(
                     f"{model_dir} is a DPO adapter on a full SFT model: pass that model with --input base=SFT_OUTPUT"
                 )
             storage.read_manifest(Path(inputs["base"]), "sft")
@@ -95,14 +92,14 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     if stop_ids:
         merged.generation_config.eos_token_id = sorted(set(stop_ids))
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    lineage = tracking.inherit_lineage(manifest, config)
+    lineage = tracking.inherit_lineage(manifest, config, inputs)
     lineage.pop("adapter_base", None)
     lineage.update(kind="full", dtype=config.merge.dtype)
-    with tracking.stage_run(config, STAGE, lineage) as mlrun, storage.staged_output(output) as out:
+    with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
         merged.save_pretrained(out, max_shard_size=config.merge.max_shard_size, safe_serialization=True)
         tokenizer.padding_side = "right"
         models.save_tokenizer(tokenizer, out, model_dir)
-        tracking.record("the merge metrics", mlflow.log_metrics, metrics)
-        lineage.update(tracking.run_record(mlrun))
+        tracker.record("the merge metrics", mlflow.log_metrics, metrics)
+        lineage.update(tracker.run_record())
         storage.write_manifest(out, STAGE, lineage, metrics)
-    return {"status": "succeeded", "metrics": metrics, "output": str(output)}
+    return tracker.result(metrics, output)

@@ -1,108 +1,121 @@
 """KFP components: thin wrappers that run a stage from tuneforge/components inside its image.
 
-Each wrapper receives the run's config as JSON text (so KFP's cache key covers it), the pipeline's MLflow
-run id, and typed artifacts; `stage_runner.run_stage` does the rest (it lives in a module without KFP
+A stage's task gets its view of the config (the sections it reads, as JSON), the code version, the outputs of the
+stages before it and, where a stage depends on the world as the run found it, a value the run's first task measured
+(the data fingerprint, the champion). Those are all its inputs, so KFP's cache key of a task is exactly what decides
+its result. The run it belongs to is not an input: the task reads it from KFP_RUN_ID (the pod's `pipeline/runid`
+label), so it does not break the cache. `stage_runner.run_stage` does the rest (it lives in a module without KFP
 decorators, which the component bodies can import inside the executor). Images come from TUNEFORGE_REGISTRY and
 TUNEFORGE_IMAGE_TAG at compile time, the same variables the image build uses.
+
+A component is named after its stage (KFP names the task data-prep for data_prep), and its output artifact is the
+one stages.py names.
 """
 
-
 import os
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from tuneforge import __version__
+from tuneforge import __version__, env
 
 # Defaults shared with images/build.sh and the Helm chart's `images` values.
-REGISTRY = os.environ.get("TUNEFORGE_REGISTRY", "ghcr.io/tuneforge")
-TAG = os.environ.get("TUNEFORGE_IMAGE_TAG", __version__)
+REGISTRY = os.environ.get(env.REGISTRY, "ghcr.io/tuneforge")
+TAG = os.environ.get(env.IMAGE_TAG, __version__)
 CPU_IMAGE = f"{REGISTRY}/tuneforge-cpu:{TAG}"
 CUDA_IMAGE = f"{REGISTRY}/tuneforge-cuda:{TAG}"
 EXPORT_IMAGE = f"{REGISTRY}/tuneforge-export:{TAG}"
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start_run(config_json: str, job_id: str) -> str:
-    """Open (or, on a retry, find) the pipeline's MLflow run; its id ties every stage's run to it."""
-    import mlflow
-    import json
+def start(config_json: str, job_id: str) -> NamedTuple("Started", [("fingerprint", str), ("champion", str)]):
+    """Never cached: open (or, on a retry, find) the pipeline's MLflow run, fingerprint the data as it is now, and find
+    the champion (its registered version as JSON, empty when there is none)."""
+    from tuneforge.pipelines.stage_runner import start_run
 
-    from tuneforge import tracking
-    from tuneforge.config import Config
-
-    config = Config.model_validate(json.loads(config_json))
-    experiment_id = tracking.setup(config)
-    found = mlflow.search_runs([experiment_id], f"tags.`kfp.job_id` = '{job_id}'", output_format="list")
-    if found:
-        return found[0].info.run_id
-    run = mlflow.MlflowClient().create_run(
-        experiment_id, run_name=config.name, tags={"tuneforge.stage": "pipeline", "kfp.job_id": job_id}
-    )
-    return run.info.run_id
+    return start_run(config_json, job_id)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def finish_run(config_json: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the pipeline's MLflow run as FINISHED, or FAILED when any stage failed."""
-    import mlflow
-    import json
+    from tuneforge.pipelines.stage_runner import finish_run as finish
 
-    from tuneforge import tracking
-    from tuneforge.config import Config
-
-    config = Config.model_validate(json.loads(config_json))
-    experiment_id = tracking.setup(config)
-    for run in mlflow.search_runs([experiment_id], f"tags.`kfp.job_id` = '{job_id}'", output_format="list"):
-        client = mlflow.MlflowClient()
-        if status.state != "SUCCEEDED":
-            client.set_tag(run.info.run_id, "tuneforge.error", (status.error_message or status.state)[:5000])
-        client.set_terminated(run.info.run_id, "FINISHED" if status.state == "SUCCEEDED" else "FAILED")
+    finish(config_json, job_id, status.state, status.error_message)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def data_prep(config_json: str, data_fingerprint: str, parent_run: str, data: Output[Dataset], report: Output[Markdown]):
-    """data_fingerprint (sha256 of the source files) is an input only so that changed data misses the cache."""
+def data_prep(config_json: str, code_version: str, data_fingerprint: str, data: Output[Dataset],
+              report: Output[Markdown]):
+    """data_fingerprint: the data as the run's first task found it; data-prep checks it still is."""
     import shutil
 
-    from tuneforge.pipelines.stage_runner import record_metrics, run_stage
+    from tuneforge.pipelines.stage_runner import run_stage
 
-    run_stage("data-prep", config_json, parent_run, {}, data.path)
+    run_stage("data-prep", config_json, {}, data.path, data_fingerprint=data_fingerprint)
     shutil.copy(f"{data.path}/report.md", report.path)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def sft(config_json: str, parent_run: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+def sft(config_json: str, code_version: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
         job_image: str = ""):
     """job_image: where sft runs on several nodes, the image of the Kubeflow Trainer job this task creates."""
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("sft", config_json, parent_run, {"data": data.path}, model.path, job_image)
+    result = run_stage("sft", config_json, {"data": data.path}, model.path, job_image=job_image)
     record_metrics(metrics, result["metrics"])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def dpo(config_json: str, parent_run: str, data: Input[Dataset], sft_model: Input[Model], model: Output[Model],
+def dpo(config_json: str, code_version: str, data: Input[Dataset], sft_model: Input[Model], model: Output[Model],
         metrics: Output[Metrics], job_image: str = ""):
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("dpo", config_json, parent_run, {"data": data.path, "model": sft_model.path}, model.path, job_image)
+    result = run_stage("dpo", config_json, {"data": data.path, "model": sft_model.path}, model.path, job_image=job_image)
     record_metrics(metrics, result["metrics"])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def merge(config_json: str, parent_run: str, adapter: Input[Model], model: Output[Model], base: Input[Model] = None):
-    """base: the full SFT model a DPO adapter was trained on; absent for the config's base model."""
-    from tuneforge.pipelines.stage_runner import record_metrics, run_stage
+def merge(config_json: str, code_version: str, adapter: Input[Model], model: Output[Model],
+          base: Input[Model] = None) -> str:
+    """base: the full SFT model a DPO adapter was trained on; absent for the config's base model. Returns the merged
+    files' digest (what the registry knows a model by)."""
+    from tuneforge import storage
+    from tuneforge.pipelines.stage_runner import run_stage
 
-    run_stage("merge", config_json, parent_run, {"model": adapter.path, "base": base.path if base else ""}, model.path)
+    run_stage("merge", config_json, {"model": adapter.path, "base": base.path if base else ""}, model.path)
+    return storage.content_digest(storage.read_manifest(model.path, "merge"))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def evaluate(config_json: str, parent_run: str, data: Input[Dataset], model: Input[Model], evaluation: Output[Artifact],
-             metrics: Output[Metrics], report: Output[Markdown], sft_model: Input[Model] = None,
-             dpo_model: Input[Model] = None) -> bool:
-    """Returns whether the candidate passes the gate against the base model (the champion is checked at register)."""
+def merge_sft(config_json: str, code_version: str, adapter: Input[Model], model: Output[Model]):
+    """The merge stage for the SFT model when DPO follows it: evaluate scores both, and the better one goes on."""
+    from tuneforge.pipelines.stage_runner import run_stage
+
+    run_stage("merge", config_json, {"model": adapter.path}, model.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def champion_to_beat(champion: str, candidate: str) -> str:
+    """Never cached: where the champion's files are for evaluate to re-score, or empty when there is no champion or it
+    is the candidate itself (a rerun of unchanged data): then evaluate's inputs, and its cache key, stay the same."""
+    import json
+
+    if not champion or json.loads(champion)["model_sha256"] == candidate:
+        return ""
+    return json.loads(champion)["source"]
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def evaluate(config_json: str, code_version: str, champion: str, data: Input[Dataset], model: Input[Model],
+             evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown],
+             sft_merged: Input[Model] = None, sft_model: Input[Model] = None,
+             dpo_model: Input[Model] = None) -> str:
+    """champion: where the champion's registered model is (empty: none); re-scored on the same data. sft_merged: with
+    DPO, the SFT model, scored too. Returns which trained model is the candidate (sft or dpo) when it beats the base
+    model, else "" (the champion is decided on at register). One string: kfp.local cannot read a named output in a
+    condition."""
     import json
     import shutil
 
@@ -111,31 +124,34 @@ def evaluate(config_json: str, parent_run: str, data: Input[Dataset], model: Inp
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
     # The training stages' outputs are read only for their loss curves.
-    inputs = {"data": data.path, "model": model.path, "sft": sft_model.path if sft_model else "",
-              "dpo": dpo_model.path if dpo_model else ""}
-    result = run_stage("evaluate", config_json, parent_run, inputs, evaluation.path)
+    inputs = {"data": data.path, "model": model.path, "champion": champion,
+              "sft_merged": sft_merged.path if sft_merged else "",
+              "sft": sft_model.path if sft_model else "", "dpo": dpo_model.path if dpo_model else ""}
+    result = run_stage("evaluate", config_json, inputs, evaluation.path)
     shutil.copy(f"{evaluation.path}/report.md", report.path)
-    record_metrics(metrics, {f"{m}_{k}": v for m in ("base", "candidate") for k, v in result["metrics"][m].items()})
+    scored = [m for m in ("base", "champion", "candidate") if m in result["metrics"]]
+    record_metrics(metrics, {f"{m}_{k}": v for m in scored for k, v in result["metrics"][m].items()})
     settings = Config.model_validate(json.loads(config_json)).registry
     passed, _ = registry.gate(result["metrics"]["candidate"], result["metrics"]["base"], None, settings)
-    return passed
+    return result["metrics"]["trained_by"] if passed else ""
 
 
 @dsl.component(base_image=EXPORT_IMAGE, install_kfp_package=False)
-def export_gguf(config_json: str, parent_run: str, model: Input[Model], gguf: Output[Artifact], metrics: Output[Metrics]):
+def export_gguf(config_json: str, code_version: str, model: Input[Model], gguf: Output[Artifact],
+                metrics: Output[Metrics]):
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("export-gguf", config_json, parent_run, {"model": model.path}, gguf.path)
+    result = run_stage("export-gguf", config_json, {"model": model.path}, gguf.path)
     record_metrics(metrics, {f"{t}_{k}": v for t, check in result["metrics"]["types"].items() for k, v in check.items()})
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(config_json: str, parent_run: str, evaluation: Input[Artifact], model: Input[Model],
+def register(config_json: str, code_version: str, evaluation: Input[Artifact], model: Input[Model],
              registration: Output[Artifact], gguf: Input[Artifact] = None) -> str:
     import json
 
-    from tuneforge.pipelines.stage_runner import record_metrics, run_stage
+    from tuneforge.pipelines.stage_runner import run_stage
 
     inputs = {"evaluation": evaluation.path, "model": model.path, "gguf": gguf.path if gguf else ""}
-    result = run_stage("register", config_json, parent_run, inputs, registration.path)
+    result = run_stage("register", config_json, inputs, registration.path)
     return json.dumps(result["metrics"])

@@ -8,220 +8,325 @@ backoff, timeouts, caching, secrets as env, the model-cache PVC, GPU node select
 """
 
 
-import hashlib
 import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from tuneforge import tracking
+from tuneforge import env, registry, sizing, stages, tracking
 from tuneforge.config import Config
+from tuneforge.errors import ConfigError
 from tuneforge.pipelines import components as c
+from tuneforge.pipelines import pod, trainjob
 
-GPU_STAGES = ("sft", "dpo")
+log = logging.getLogger(__name__)
+
 # What the task of a stage that Kubeflow Trainer runs on several nodes needs: it only creates the job and waits.
 JOB_LAUNCHER = {"cpu": "1", "memory": "2Gi"}
 
 
 def multi_node(config: Config, stage: str) -> bool:
-    return stage in GPU_STAGES and getattr(config, stage).distributed.nodes > 1
+    return stage in stages.TRAINING and getattr(config, stage).distributed.nodes > 1
 
 
 def job_image(config: Config, stage: str) -> str:
-    return c.CUDA_IMAGE if config.cluster.for_stage(stage).gpus else c.CPU_IMAGE
+    return c.CUDA_IMAGE if pod.for_stage(config, stage).gpus else c.CPU_IMAGE
 
 
-def check_jobs(config: Config, config_json: str) -> None:
+def check_jobs(config: Config) -> None:
     """Compile-time check of the Kubeflow Trainer jobs the pipeline will create: built as they will be (run id and
     namespace stand-ins) and read into the Kubeflow API types."""
-    from tuneforge.pipelines import trainjob
-
-    for stage in GPU_STAGES:
+    for stage in stages.TRAINING:
         if multi_node(config, stage):
-            inputs = {name: f"{config.storage.uri}/RUN/{stage}.inputs/{name}" for name in ("data", "model")[: 1 + (stage == "dpo")]}
-            trainjob.validate(trainjob.build(config, config_json, stage, "compile-check", inputs, "compile-check",
+            inputs = {name: f"{config.storage.uri}/RUN/{stage}.inputs/{name}" for name in stages.get(stage).requires}
+            view = config.view(stage, with_cluster=True).to_json()
+            trainjob.validate(trainjob.build(config, view, stage, "compile-check", inputs, "compile-check",
                                              job_image(config, stage)))
 
 
-def data_fingerprint(config: Config) -> str:
-    """sha256 over the data files' contents, so a rerun on changed data misses the cache."""
-    digest = hashlib.sha256()
-    for path in [s.path for s in config.data.sources] + ([config.data.eval_tasks] if config.data.eval_tasks else []):
-        if "://" in path:
-            digest.update(path.encode())
-            continue
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
-def _configure(task: dsl.PipelineTask, stage: str, config: Config, fingerprint: str) -> dsl.PipelineTask:
-    cluster = config.cluster
-    resources = cluster.for_stage(stage)
-    task.set_display_name(stage)
-    if multi_node(config, stage):
-        # The job's nodes get the stage's resources; this task only creates the job and waits for it.
-        task.set_cpu_request(JOB_LAUNCHER["cpu"]).set_cpu_limit(JOB_LAUNCHER["cpu"])
-        task.set_memory_request(JOB_LAUNCHER["memory"]).set_memory_limit(JOB_LAUNCHER["memory"])
-    else:
-        task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
-        task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
-    task.set_retry(num_retries=resources.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="1800s")
-    # Keyed on what decides the result (config, data, code), not on the run's MLflow id, which every run changes.
-    task.set_caching_options(True, cache_key=f"tuneforge-{stage}-{config.hash()}-{fingerprint[:16]}-{tracking.code_version()}")
-    kubernetes.set_timeout(task, resources.timeout_seconds)
-    if resources.gpus and not multi_node(config, stage):
-        task.set_accelerator_type(resources.gpu_type).set_accelerator_limit(resources.gpus)
-        if stage in GPU_STAGES:
-            task.set_container_image(c.CUDA_IMAGE)
-        for key, value in cluster.gpu_node_selector.items():
+def apply_pod(task: dsl.PipelineTask, spec: pod.PodSpec, with_gpus: bool = True) -> None:
+    """The spec as kfp-kubernetes settings on a pipeline task (its cpu and memory are set by the caller)."""
+    kubernetes.set_timeout(task, spec.timeout_seconds)
+    if spec.why:
+        kubernetes.add_pod_annotation(task, pod.SIZING_ANNOTATION, spec.why)
+    if spec.gpus and with_gpus:
+        task.set_accelerator_type(spec.gpu_type).set_accelerator_limit(spec.gpus)
+        for key, value in spec.node_selector.items():
             kubernetes.add_node_selector(task, key, value)
-        for toleration in cluster.gpu_tolerations:
+        if spec.gpu_memory:
+            kubernetes.add_node_affinity(task, match_expressions=pod.gpu_memory_affinity(spec))
+        for toleration in spec.tolerations:
             kubernetes.add_toleration(task, **toleration)
-    if cluster.s3_secret:
-        kubernetes.use_secret_as_env(task, cluster.s3_secret, {
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"})
-    if cluster.mlflow_secret:
-        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
-    if cluster.model_cache_pvc:
-        kubernetes.mount_pvc(task, pvc_name=cluster.model_cache_pvc, mount_path="/cache")
-        task.set_env_variable("TUNEFORGE_CACHE", "/cache")
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size)
+    for secret, keys in spec.secrets.items():
+        kubernetes.use_secret_as_env(task, secret, {key: key for key in keys})
+    if spec.model_cache_pvc:
+        kubernetes.mount_pvc(task, pvc_name=spec.model_cache_pvc, mount_path=pod.CACHE_MOUNT)
+    for name, value in spec.env.items():
+        task.set_env_variable(name, value)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=spec.shm_size)
+
+
+def _configure(task: dsl.PipelineTask, stage: str, config: Config, local: bool) -> dsl.PipelineTask:
+    spec = pod.for_stage(config, stage, size=not local)
+    task.set_display_name(stage)
+    launcher = multi_node(config, stage)
+    # The nodes of a multi-node job get the stage's resources; its task only creates the job and waits for it.
+    cpu, memory = (JOB_LAUNCHER["cpu"], JOB_LAUNCHER["memory"]) if launcher else (spec.cpu, spec.memory)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    retries = config.cluster.for_stage(stage).retries
+    if retries is None:  # locally a retry only waits; on a cluster a training stage's retry resumes from S3
+        retries = 0 if local else 2 if stages.get(stage).trains else 1
+    backoff = config.cluster.for_stage(stage).retry_backoff_seconds
+    task.set_retry(num_retries=retries, backoff_duration=f"{backoff}s", backoff_factor=2.0, backoff_max_duration="1800s")
+    # KFP's own key: the task's inputs (its view of the config, the code version, the outputs it reads, the data
+    # fingerprint), so a change reruns exactly the stages that read what changed.
+    task.set_caching_options(True)
+    _run_identity(task)
+    apply_pod(task, spec, with_gpus=not launcher)
+    if spec.gpus and not launcher:
+        task.set_container_image(c.CUDA_IMAGE)
     return task
 
 
-def build(config: Config):
-    """The pipeline function for this config (the DAG's shape follows dpo.enabled, export.enabled, registry.enabled)."""
-    # One line (KFP writes parameter defaults into a YAML comment), and only what differs from the defaults.
-    config_json = json.dumps(config.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
-    fingerprint = data_fingerprint(config)
-    check_jobs(config, config_json)
-    jobs = {stage: {"job_image": job_image(config, stage)} for stage in GPU_STAGES if multi_node(config, stage)}
+def _run_identity(task: dsl.PipelineTask) -> None:
+    """The run a task belongs to, from its pod's label rather than as an input, which would break its cache key."""
+    kubernetes.use_field_path_as_env(task, env.KFP_RUN_ID, "metadata.labels['pipeline/runid']")
+
+
+def build(config: Config, local: bool = False):
+    """The pipeline function for this config (the DAG's shape follows dpo.enabled, export.enabled, registry.enabled).
+    `local`: for kfp.local on this machine (no retries unless the config sets them)."""
+    config_json = config.to_json()
+    code_version = tracking.code_version()
+    check_jobs(config)
+    jobs = {stage: {"job_image": job_image(config, stage)} for stage in stages.TRAINING if multi_node(config, stage)}
 
     @dsl.pipeline(name=f"tuneforge-{config.name}", description=f"Fine-tune {config.base_model.source}")
-    def pipeline(config_json: str = config_json, data_fingerprint: str = fingerprint):
+    def pipeline():
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finish = c.finish_run(config_json=config_json, job_id=job_id)
         finish.set_display_name("close MLflow run").set_caching_options(False)
+        _run_identity(finish)
         with dsl.ExitHandler(finish, name="stages"):
-            start = c.start_run(config_json=config_json, job_id=job_id).set_display_name("open MLflow run")
-            start.set_caching_options(False)
-            parent = start.output
-            prep = _configure(c.data_prep(config_json=config_json, data_fingerprint=data_fingerprint, parent_run=parent), "data-prep", config, fingerprint)
-            tuned = _configure(c.sft(config_json=config_json, parent_run=parent, data=prep.outputs["data"], **jobs.get("sft", {})), "sft", config, fingerprint)
-            adapter, base = tuned.outputs["model"], None
+            started = c.start(config_json=config_json, job_id=job_id).set_display_name("start")
+            started.set_caching_options(False)
+            _run_identity(started)
+
+            def stage(name: str, component, **inputs) -> dsl.PipelineTask:
+                view = config.view(name, with_cluster=multi_node(config, name)).to_json()
+                return _configure(component(config_json=view, code_version=code_version, **inputs), name, config, local)
+
+            prep = stage("data-prep", c.data_prep, data_fingerprint=started.outputs["fingerprint"])
+            data = prep.outputs["data"]
+            tuned = stage("sft", c.sft, data=data, **jobs.get("sft", {}))
+            adapter, inputs, merge_args = tuned.outputs["model"], {"sft_model": tuned.outputs["model"]}, {}
             if config.dpo.enabled:
-                preferred = _configure(c.dpo(config_json=config_json, parent_run=parent, data=prep.outputs["data"],
-                                             sft_model=tuned.outputs["model"], **jobs.get("dpo", {})), "dpo", config, fingerprint)
-                adapter = preferred.outputs["model"]
-                base = tuned.outputs["model"] if config.sft.method == "full" else None
-            merge_args = {"base": base} if base is not None else {}
-            merged = _configure(c.merge(config_json=config_json, parent_run=parent, adapter=adapter, **merge_args), "merge", config, fingerprint)
-            curves = {"sft_model": tuned.outputs["model"], **({"dpo_model": preferred.outputs["model"]} if config.dpo.enabled else {})}
-            evaluated = _configure(c.evaluate(config_json=config_json, parent_run=parent, data=prep.outputs["data"],
-                                              model=merged.outputs["model"], **curves), "evaluate", config, fingerprint)
-            with dsl.If(evaluated.outputs["Output"] == True, name="beats-base"):  # noqa: E712 (a KFP condition)
+                preferred = stage("dpo", c.dpo, data=data, sft_model=tuned.outputs["model"], **jobs.get("dpo", {}))
+                adapter = inputs["dpo_model"] = preferred.outputs["model"]
+                if config.sft.method == "full":  # the DPO adapter was trained on the full SFT model
+                    merge_args["base"] = tuned.outputs["model"]
+                else:  # both are scored and the better one goes on; a full SFT model needs no merge
+                    inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=tuned.outputs["model"]).outputs["model"]
+            merged = stage("merge", c.merge, adapter=adapter, **merge_args)
+            to_beat = c.champion_to_beat(champion=started.outputs["champion"], candidate=merged.outputs["Output"])
+            to_beat.set_display_name("champion to beat").set_caching_options(False)
+            _run_identity(to_beat)
+            evaluated = stage("evaluate", c.evaluate, data=data, model=merged.outputs["model"], champion=to_beat.output,
+                              **inputs)
+
+            def publish(model) -> None:
                 extra = {}
                 if config.export.enabled:
-                    exported = _configure(c.export_gguf(config_json=config_json, parent_run=parent,
-                                                        model=merged.outputs["model"]), "export-gguf", config, fingerprint)
-                    extra["gguf"] = exported.outputs["gguf"]
+                    extra["gguf"] = stage("export-gguf", c.export_gguf, model=model).outputs["gguf"]
                 if config.registry.enabled:
-                    registered = c.register(config_json=config_json, parent_run=parent, evaluation=evaluated.outputs["evaluation"],
-                                            model=merged.outputs["model"], **extra)
+                    registered = stage("register", c.register, evaluation=evaluated.outputs["evaluation"], model=model,
+                                       **extra)
                     # Registration decides against the live champion: never reuse a cached decision.
-                    _configure(registered, "register", config, fingerprint).set_caching_options(False)
+                    registered.set_caching_options(False)
+
+            # Only a candidate that beats the base model goes on: the SFT or the DPO model, whichever evaluate found better.
+            if "sft_merged" in inputs:
+                with dsl.If(evaluated.outputs["Output"] == "sft", name="sft-beats-base"):
+                    publish(inputs["sft_merged"])
+                with dsl.Elif(evaluated.outputs["Output"] == "dpo", name="dpo-beats-base"):
+                    publish(merged.outputs["model"])
+            else:
+                with dsl.If(evaluated.outputs["Output"] != "", name="beats-base"):
+                    publish(merged.outputs["model"])
 
     return pipeline
 
 
-def compile_pipeline(config: Config, path: Path) -> Path:
+def compile_pipeline(config: Config, path: Path, force: bool = False, warn: Callable[[str], None] = log.warning) -> Path:
+    """Compile for a cluster. Explicit resources below what a stage needs are refused (`force`: a `warn`ing)."""
     from kfp import compiler
 
+    problems = sizing.refusals(config)
+    if problems and not force:
+        raise ConfigError("this pipeline would not run on a cluster:\n  " + "\n  ".join(problems)
+                          + "\n(--force compiles it anyway)")
+    for problem in problems:
+        warn(f"compiled with --force: {problem}")
     compiler.Compiler().compile(build(config), str(path))
     return path
 
 
-def run_locally(config: Config, pipeline_root: Path) -> dict[str, Any]:
-    """Run the pipeline with kfp.local's subprocess runner (the stages run in this Python environment) and
-    return a summary read from the task outputs."""
-    from kfp import local
+def config_of_package(package: Path) -> Config:
+    """The config a compiled pipeline (the output of `tuneforge compile`) was built from: its first task's input."""
+    import yaml
 
-    from tuneforge.config import ConfigError
+    try:
+        spec = next(yaml.safe_load_all(Path(package).read_text()))
+        tasks = [task for component in spec["components"].values() for task in component.get("dag", {}).get("tasks", {}).items()]
+        start = next(task for name, task in tasks if name == "start")
+        return Config.model_validate(json.loads(start["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"]))
+    except (OSError, yaml.YAMLError, StopIteration, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{package}: not a pipeline compiled by tuneforge compile ({type(exc).__name__}: {exc})") from None
 
-    for stage in GPU_STAGES:
+
+def refuse_multi_node(config: Config) -> None:
+    """Several nodes need a cluster; say so before a local run creates anything."""
+    for stage in stages.TRAINING:
         if multi_node(config, stage):
             raise ConfigError(f"{stage}.distributed.nodes is {getattr(config, stage).distributed.nodes}: several nodes "
                               "need a cluster with Kubeflow Trainer (tuneforge submit), and tuneforge run trains on this "
                               f"machine; set {stage}.distributed.nodes: 1 (distributed.processes spreads a stage over "
                               "this machine's GPUs)")
+
+
+def run_locally(config: Config | None, pipeline_root: Path, package: Path | None = None,
+                runner: str = "subprocess") -> dict[str, Any]:
+    """Run the pipeline with kfp.local on this machine: the one built from `config`, or the compiled `package` as a
+    cluster would get it. `runner` subprocess: the stages run in this Python environment; container: each in the
+    image the pipeline names (container_runner.py). Returns a summary read from the task outputs."""
+    from kfp import components, local
+
+    if package is not None:
+        config = config_of_package(package)
+    refuse_multi_node(config)
     pipeline_root = Path(pipeline_root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               enable_caching=True, raise_on_error=False)
+    # What a cluster's pods read from their `pipeline/runid` label; the tasks inherit it (containers: see
+    # container_runner.PASSED).
+    os.environ[env.KFP_RUN_ID] = f"local-{uuid.uuid4().hex}"
+    if runner == "container":
+        from tuneforge.pipelines import container_runner
+
+        chosen = container_runner.docker_runner(config, pipeline_root)
+    else:
+        chosen = local.SubprocessRunner(use_venv=False)
+    local.init(runner=chosen, pipeline_root=str(pipeline_root), enable_caching=True, raise_on_error=False)
     before = set(pipeline_root.glob("*")) if pipeline_root.exists() else set()
-    build(config)()
+    pipeline = components.load_component_from_file(str(package)) if package else build(config, local=True)
+    # The tasks of the container runner run as the images' user: the folders kfp.local creates here must admit it.
+    umask = os.umask(0o000) if runner == "container" else None
+    try:
+        pipeline()
+    finally:
+        if umask is not None:
+            os.umask(umask)
     created = sorted(set(pipeline_root.glob(f"tuneforge-{config.name}-*")) - before)
     if not created:
-        raise RuntimeError(f"kfp.local produced no run folder under {pipeline_root}")
+        raise ConfigError(f"kfp.local produced no run folder under {pipeline_root}; is --pipeline-root writable?")
     return summarize(config, created[-1])
 
 
-def _output_of(config: Config, run_folder: Path, task: str, output: str) -> tuple[Path | None, str]:
-    """Where a stage's output is for this run: in the run's folder, or, for a cache hit, the newest earlier output
-    of the same config (the cache key covers config, data and code)."""
-    here = run_folder / task / output
-    if (here / "manifest.json").exists():
-        return here, "succeeded"
-    if (run_folder / task).exists():
-        return None, "failed"
-    for folder in sorted(run_folder.parent.glob(f"tuneforge-{config.name}-*/{task}/{output}"), reverse=True):
-        manifest = folder / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["lineage"].get("config_hash") == config.hash():
-            return folder, "cached"
-    return None, "not run"
+# The pipeline's stage tasks in order, as (task, stage): merge-sft is the merge stage for the SFT model when DPO follows.
+TASKS = [(spec.name, spec) for spec in stages.STAGES]
+TASKS.insert([t for t, _ in TASKS].index("merge"), ("merge-sft", stages.get("merge")))
+
+
+def _task_folder(run: Path, task: str, output: str) -> Path | None:
+    """A task's output in a run folder. KFP names a task again in another branch `TASK-2` (export-gguf and register
+    after an If/Else on the winning model); at most one of them runs."""
+    for folder in (run / task, *sorted(run.glob(f"{task}-[0-9]*"))):
+        if folder.is_dir():
+            return folder / output
+    return None
+
+
+def _outputs(config: Config, run_folder: Path) -> dict[str, tuple[Path | None, str]]:
+    """Where each stage task's output is for this run: in the run's folder, or, for a cache hit, the earlier output KFP
+    reused. That one is found by what decided it: the stage's view of the config, and inputs that are this run's
+    outputs (or what its uncached tasks measured: the data fingerprint, the champion)."""
+    measured: set[str] = set()
+    for task in ("start", "champion-to-beat"):  # uncached: always in this run's folder
+        if (run_folder / task / "executor_output.json").exists():
+            measured |= set(json.loads((run_folder / task / "executor_output.json").read_text())["parameterValues"].values())
+    earlier = sorted((r for r in run_folder.parent.glob(f"tuneforge-{config.name}-*") if r != run_folder), reverse=True)
+    found: dict[str, tuple[Path | None, str]] = {}
+    known: set[str] = set()
+    for task, spec in TASKS:
+        here = _task_folder(run_folder, task, spec.output)
+        if here is not None:
+            complete = (here / "manifest.json").exists()
+            found[task] = (here, "succeeded") if complete else (None, "failed")
+            known |= {str(here)} if complete else set()
+            continue
+        view_hash = config.view(spec.name).hash()
+        for folder in (f for f in (_task_folder(r, task, spec.output) for r in earlier) if f is not None):
+            if not (folder / "manifest.json").exists():
+                continue
+            lineage = json.loads((folder / "manifest.json").read_text())["lineage"]
+            inputs = set(lineage.get("inputs", {}).values())
+            if spec.name == "data-prep":
+                inputs.add(lineage.get("data_fingerprint"))
+            if lineage.get("config_hash") == view_hash and inputs <= known | measured:
+                found[task] = (folder, "cached")
+                known.add(str(folder))
+                break
+    return found
 
 
 def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
     """The JSON summary of a local run: each stage's status, key metrics, artifact paths, the registered version."""
-    stages: dict[str, Any] = {}
+    by_stage: dict[str, Any] = {}
     outputs: dict[str, Path] = {}
-    for stage, (task, output) in TASK_OUTPUTS.items():
-        folder, status = _output_of(config, run_folder, task, output)
-        if status == "not run":
-            continue
-        stages[stage] = {"status": status, **({"output": str(folder)} if folder else {})}
+    for stage, (folder, status) in _outputs(config, run_folder).items():
+        by_stage[stage] = {"status": status, **({"output": str(folder)} if folder else {})}
         if folder:
             outputs[stage] = folder
             unlogged = json.loads((folder / "manifest.json").read_text())["lineage"].get("mlflow_unlogged")
             if unlogged:
-                stages[stage]["mlflow_unlogged"] = unlogged
-    summary: dict[str, Any] = {"name": config.name, "run_folder": str(run_folder), "stages": stages,
+                by_stage[stage]["mlflow_unlogged"] = unlogged
+    summary: dict[str, Any] = {"name": config.name, "run_folder": str(run_folder), "stages": by_stage,
                                "mlflow": {"tracking_uri": tracking.tracking_uri(config)}}
-    failed = [s for s, v in stages.items() if v["status"] == "failed"]
+    failed = [s for s, v in by_stage.items() if v["status"] == "failed"]
     summary["status"] = "failed" if failed or "evaluate" not in outputs else "succeeded"
     if failed:
         summary["error"] = f"stage {failed[0]} failed; its log is above"
-    start = run_folder / "start-run" / "executor_output.json"
-    if start.exists():
-        summary["mlflow"]["run_id"] = json.loads(start.read_text())["parameterValues"]["Output"]
+    job = os.environ.get(env.KFP_RUN_ID)
+    if job:
+        summary["mlflow"]["run_id"] = tracking.pipeline_run_id(config, job)
+        uri = summary["mlflow"]["tracking_uri"]
+        if uri.startswith(("http://", "https://")) and summary["mlflow"]["run_id"]:
+            # MLflow's UI opens on GenAI pages unless asked for the training view.
+            summary["mlflow"]["ui"] = (f"{uri.rstrip('/')}/#/experiments/{tracking.setup(config)}/runs/"
+                                       f"{summary['mlflow']['run_id']}?workflowType=machine_learning")
     if "evaluate" in outputs:
         results = json.loads((outputs["evaluate"] / "manifest.json").read_text())["metrics"]
         keys = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "task_exact_match")
-        summary["metrics"] = {m: {k: round(results[m][k], 4) for k in keys if k in results[m]} for m in ("base", "candidate")}
+        scored = [m for m in ("base", "champion", "sft", "dpo", "candidate") if m in results]
+        summary["metrics"] = {m: {k: round(results[m][k], 4) for k in keys if k in results[m]} for m in scored}
+        if results.get("champion_error"):
+            summary["metrics"]["champion_error"] = results["champion_error"]
     if "register" in outputs:
         result = json.loads((outputs["register"] / "manifest.json").read_text())["metrics"]
         summary["registered_model"] = {k: result[k] for k in ("name", "version", "aliases", "decision")}
-    summary["artifacts"] = {k: str(outputs[k]) for k in ("merge", "export-gguf") if k in outputs}
+        summary["registered_model"]["outcome"] = registry.outcome(result)
+        summary["checklist"] = result.get("checklist", [])
+    elif "evaluate" in outputs:
+        summary["checklist"] = results.get("checklist", [])
+    if "evaluate" in outputs and results.get("winner"):
+        summary["winner"] = {"model": results["winner"], "why": results["winner_reason"]}
+        if results["winner"] == "sft" and "merge-sft" in outputs:
+            outputs["merge"] = outputs["merge-sft"]
+    summary["artifacts"] = {k: str(outputs[k]) for k in ("merge", "evaluate", "export-gguf") if k in outputs}
     return summary
-
-
-# stage -> (KFP task folder, output artifact name)
-TASK_OUTPUTS = {
-    "data-prep": ("data-prep", "data"), "sft": ("sft", "model"), "dpo": ("dpo", "model"), "merge": ("merge", "model"),
-    "evaluate": ("evaluate", "evaluation"), "export-gguf": ("export-gguf", "gguf"), "register": ("register", "registration"),
-}
 
 
 # ---------------------------------------------------------------- a KFP server
@@ -244,15 +349,16 @@ def kfp_cron(expression: str) -> str:
         return "0 " + expression.strip()
     if len(fields) == 6:
         return expression.strip()
-    raise ValueError(f"cron expression {expression!r}: expected 5 fields (minute hour day month weekday) or KFP's 6")
+    raise ConfigError(f"cron expression {expression!r}: expected 5 fields (minute hour day month weekday) or KFP's 6")
 
 
-def _experiment_id(client, name: str) -> str:
+def experiment_id(client, name: str) -> str:
     return client.create_experiment(name).experiment_id  # returns the existing one when the name is taken
 
 
-def submit(config: Config, host: str | None, token: str | None, experiment: str, package: Path) -> dict[str, str]:
-    compile_pipeline(config, package)
+def submit(config: Config, host: str | None, token: str | None, experiment: str, package: Path,
+           force: bool = False, warn: Callable[[str], None] = log.warning) -> dict[str, str]:
+    compile_pipeline(config, package, force, warn)
     client = kfp_client(host, token)
     result = client.create_run_from_pipeline_package(
         str(package), arguments={}, run_name=f"{config.name}-{config.hash()[:8]}", experiment_name=experiment
@@ -261,12 +367,12 @@ def submit(config: Config, host: str | None, token: str | None, experiment: str,
 
 
 def schedule(config: Config, host: str | None, token: str | None, experiment: str, cron: str, max_concurrency: int,
-             package: Path) -> dict[str, str]:
+             package: Path, force: bool = False, warn: Callable[[str], None] = log.warning) -> dict[str, str]:
     cron_expression = kfp_cron(cron)  # a bad expression fails here, before compiling or contacting KFP
-    compile_pipeline(config, package)
+    compile_pipeline(config, package, force, warn)
     client = kfp_client(host, token)
     recurring = client.create_recurring_run(
-        experiment_id=_experiment_id(client, experiment),
+        experiment_id=experiment_id(client, experiment),
         job_name=f"{config.name}-retrain",
         description=f"Scheduled retraining of {config.name}",
         cron_expression=cron_expression,

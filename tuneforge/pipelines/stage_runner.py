@@ -1,67 +1,155 @@
-"""What each KFP component runs: one stage, as `tuneforge stage` would, inside the pipeline's MLflow run."""
+"""What the KFP components run: the pipeline's first and last tasks, and one stage as `tuneforge stage` would, inside
+the pipeline's MLflow run, with its output published to S3 when the config says so. It lives apart from the KFP
+decorators so that the component bodies can import it inside the executor."""
 
+from __future__ import annotations
+
+import importlib
+import json
+import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
-# The folder each stage's output is published under, the same names `tuneforge run` uses.
-FOLDERS = {"data-prep": "data", "sft": "sft", "dpo": "dpo", "merge": "merged", "evaluate": "evaluation",
-           "export-gguf": "gguf", "register": "registration"}
+import mlflow
+
+from tuneforge import env, registry, stages, storage, tracking
+from tuneforge.config import Config
+from tuneforge.data.fingerprint import fingerprint
+from tuneforge.errors import SetupError, TuneforgeError
+from tuneforge.pipelines import trainjob
+
+log = logging.getLogger(__name__)
 
 
-def run_stage(stage: str, config_json: str, parent_run: str, inputs: dict[str, str], output: str,
-              job_image: str = "") -> dict[str, Any]:
-    """Run one stage as `tuneforge stage` would, under the pipeline's MLflow run, and publish its output to S3.
-    sft or dpo on several nodes is handed to Kubeflow Trainer instead, in `job_image` (pipelines/trainjob.py)."""
-    import importlib
-    import json
-    import logging
-
-    from tuneforge import storage, tracking
-    from tuneforge.cli import STAGES
-    from tuneforge.components import register
-    from tuneforge.config import Config
-
+def _log_to_task() -> None:
     # The stage's own progress (resuming from a checkpoint, MLflow outages) belongs in the task's log.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tuneforge").setLevel(logging.INFO)
+
+
+def run_identity(job_id: str) -> str:
+    """The KFP run a task belongs to: KFP_RUN_ID where it is set (a cluster's pods, `tuneforge run`), else the job id
+    KFP handed to the task."""
+    return os.environ.get(env.KFP_RUN_ID) or job_id
+
+
+def start_run(config_json: str, job_id: str) -> tuple[str, str]:
+    """Open the pipeline's MLflow run (or find it, on a retry), fingerprint the data and find the champion; the
+    fingerprint and what it covered are logged to the run. Returns (fingerprint, the champion's version, source and
+    model_sha256 as JSON, or "")."""
+    _log_to_task()
     config = Config.model_validate(json.loads(config_json))
-    os.environ[tracking.PARENT_RUN_ENV] = parent_run
-    os.environ[register.RUN_ID_ENV] = parent_run
-    uri = register.published_uri(config, FOLDERS[stage])
+    job = run_identity(job_id)
+    run_id = tracking.pipeline_run_id(config, job)
+    client = mlflow.MlflowClient()
+    if run_id is None:
+        run_id = client.create_run(tracking.setup(config), run_name=config.name,
+                                   tags={"tuneforge.stage": "pipeline", "kfp.job_id": job}).info.run_id
+    found = fingerprint(config)
+    name = config.registry.model_name or config.name
+    champion = registry.champion_reference(client, name) if config.registry.enabled else None
+    for key, value in {"data.fingerprint": found["sha256"], "data.objects": str(len(found["objects"])),
+                       "registry.champion_at_start": champion["version"] if champion else "none"}.items():
+        client.set_tag(run_id, key, value)
+    client.log_dict(run_id, found, "fingerprint.json")
+    log.info("data fingerprint %s over %d objects; champion %s", found["sha256"][:12], len(found["objects"]),
+             f"version {champion['version']}" if champion else "none")
+    return found["sha256"], json.dumps(champion) if champion else ""
+
+
+def finish_run(config_json: str, job_id: str, state: str, error: str | None) -> None:
+    """Close the pipeline's MLflow run as FINISHED, or FAILED with the error when any stage failed."""
+    config = Config.model_validate(json.loads(config_json))
+    run_id = tracking.pipeline_run_id(config, run_identity(job_id))
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient()
+    if state != "SUCCEEDED":
+        client.set_tag(run_id, "tuneforge.error", (error or state)[:5000])
+    client.set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
+
+
+def run_stage(stage: str, config_json: str, inputs: dict[str, str], output: str, job_image: str = "",
+              data_fingerprint: str = "", parent_run: str | None = None) -> dict[str, Any]:
+    """Run one stage under the pipeline's MLflow run (`parent_run`, or the one of the KFP run in KFP_RUN_ID) and
+    publish its output to S3. sft or dpo on several nodes is handed to Kubeflow Trainer instead, in `job_image`
+    (pipelines/trainjob.py)."""
+    _log_to_task()
+    config = Config.model_validate(json.loads(config_json))
+    spec = stages.get(stage)
+    job = os.environ.get(env.KFP_RUN_ID)
+    parent = parent_run or (tracking.find_pipeline_run(config, job) if job else None)
+    if parent is None:
+        log.warning("%s: no pipeline MLflow run found (KFP_RUN_ID %s); the stage's run is not nested", stage, job or "unset")
+    os.environ[env.PARENT_RUN_ID] = parent or ""
+    os.environ[env.RUN_ID] = parent or f"unlinked-{uuid.uuid4().hex[:12]}"
+    if data_fingerprint:
+        os.environ[env.DATA_FINGERPRINT] = data_fingerprint
+    uri = storage.published_uri(config.storage.uri, config.name, spec.folder)
+    if uri:
+        os.environ[env.PUBLISH_URI] = uri
+    local_inputs = {k: v if storage.is_s3(v) else Path(v) for k, v in inputs.items() if v}
     main_process = True
-    if stage in ("sft", "dpo"):
-        # These imports bring torch: only for the training stages.
+    if spec.trains:
+        # Imported here: they bring torch, which the other stages' tasks (register, say) need not load.
         from tuneforge import backends, distributed
-        from tuneforge.training import CHECKPOINT_URI_ENV
 
-        if getattr(config, stage).distributed.nodes > 1 and not distributed.launched():
-            from tuneforge.pipelines import trainjob
-
-            local = {k: Path(v) for k, v in inputs.items() if v}
-            return trainjob.run(config, config_json, stage, parent_run, local, Path(output), job_image)
+        settings = getattr(config, stage)
+        if settings.distributed.nodes > 1 and not distributed.launched():
+            return trainjob.run(config, config_json, stage, parent or os.environ[env.RUN_ID], local_inputs, Path(output),
+                                job_image)
         if uri:
             # A retry of this task (KFP's, on whichever node) resumes from the checkpoints mirrored here.
-            os.environ[CHECKPOINT_URI_ENV] = f"{uri}.checkpoints"
-        backends.import_unsloth_first(getattr(config, stage))
+            os.environ[env.CHECKPOINT_URI] = f"{uri}.checkpoints"
+        backends.import_unsloth_first(settings)
         main_process = distributed.is_main_process()  # under torchrun the main process alone writes the output
-    module = importlib.import_module(f"tuneforge.components.{STAGES[stage][0]}")
-    result = module.run(config, {k: Path(v) for k, v in inputs.items() if v}, Path(output))
-    if tracking.unlogged():
-        result["mlflow_unlogged"] = tracking.unlogged()
+    earlier = _user_error(output, uri, config.storage.endpoint_url)
+    if earlier:
+        raise SetupError(f"not run again: an earlier attempt of this {stage} task failed with a user error, which a retry "
+                         f"repeats: {earlier}")
+    try:
+        result = importlib.import_module(spec.module).run(config, local_inputs, Path(output))
+    except TuneforgeError as exc:
+        if not exc.retryable and main_process:
+            _record_user_error(output, uri, config.storage.endpoint_url, str(exc))
+        raise
     if uri and main_process:
         result["uri"] = storage.publish(Path(output), uri, config.storage.endpoint_url)
-        if stage in ("sft", "dpo"):
+        if spec.trains:
             storage.delete(f"{uri}.checkpoints", config.storage.endpoint_url)
     return result
 
+
+# A task that fails with a user error (bad input, config or setup) would fail the same way when KFP retries it, and KFP's
+# retry policy cannot tell errors apart: the failing attempt leaves a marker, and the next attempts stop at once. Beside
+# the output locally (kfp.local retries into the same folder), beside its S3 copy on a cluster (a retry is a new pod).
+def _markers(output: str, uri: str | None) -> tuple[Path, str | None]:
+    return Path(output).with_name(Path(output).name + ".user-error"), f"{uri}.user-error" if uri else None
+
+
+def _user_error(output: str, uri: str | None, endpoint_url: str | None) -> str | None:
+    local, remote = _markers(output, uri)
+    if local.exists():
+        return local.read_text()
+    return storage.get_text(remote, endpoint_url) if remote else None
+
+
+def _record_user_error(output: str, uri: str | None, endpoint_url: str | None, message: str) -> None:
+    local, remote = _markers(output, uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(message)
+    if remote:
+        try:
+            storage.put_text(remote, message, endpoint_url)
+        except TuneforgeError as exc:  # the marker only saves a retry's time; the stage's own error is what matters
+            log.warning("could not leave the user-error marker at %s: %s", remote, exc)
 
 
 def record_metrics(artifact, values: dict[str, Any]) -> None:
     """Log numeric values on a KFP Metrics artifact and also write them to its file: the UI reads the logged
     values, and an artifact with no file on disk is treated as missing by kfp.local's cache."""
-    import json
-
     numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for key, value in numbers.items():
         artifact.log_metric(key, value)

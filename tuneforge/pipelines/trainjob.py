@@ -4,7 +4,8 @@ The stage's KFP task (a small CPU pod) publishes its inputs to S3, creates a Tra
 default) or a PyTorchJob (Training Operator v1), follows its status, shows node 0's log, and fetches the output the
 job's main process published, so the rest of the pipeline sees an ordinary stage output.
 
-Each node of the job runs `torchrun -m tuneforge.pipelines.trainjob STAGE`. torchrun takes the node count, the node's
+Each node of the job runs `torchrun -m tuneforge.pipelines.trainjob_node STAGE` (that module is the node's side).
+torchrun takes the node count, the node's
 rank and the rendezvous from the environment the operator sets (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ...);
 every process fetches the inputs (once per node) and trains as `tuneforge stage` would; the main process publishes
 the output. A retried KFP task finds its job by name: a running one is awaited, a failed one is replaced, and the
@@ -26,8 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneforge import storage, tracking
+from tuneforge import env, stages, storage
 from tuneforge.config import Config
+from tuneforge.errors import LaunchError, ManifestError
+from tuneforge.pipelines import pod
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +42,7 @@ ENGINES = {
                    "container": "pytorch", "done": "Succeeded",
                    "node0": "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master"},
 }
-CONFIG_ENV = "TUNEFORGE_CONFIG_JSON"
-INPUTS_ENV = "TUNEFORGE_INPUTS"
 POLL_SECONDS = 15
-SECRET_KEYS = {"s3_secret": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"),
-               "mlflow_secret": ("MLFLOW_TRACKING_URI",)}
-
-
-class ManifestError(ValueError):
-    """A job manifest the Kubeflow API types do not accept as it is."""
 
 
 def job_name(config: Config, stage: str, run_id: str) -> str:
@@ -56,78 +51,44 @@ def job_name(config: Config, stage: str, run_id: str) -> str:
     return f"{base}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
-def environment(config: Config, config_json: str, run_id: str, input_uris: dict[str, str]) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": CONFIG_ENV, "value": config_json},
-        {"name": tracking.PARENT_RUN_ENV, "value": run_id},
-        {"name": INPUTS_ENV, "value": json.dumps(input_uris, sort_keys=True)},
-    ]
-    for field, keys in SECRET_KEYS.items():
-        secret = getattr(config.cluster, field)
-        if secret:
-            env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in keys]
-    if config.cluster.model_cache_pvc:
-        env.append({"name": "TUNEFORGE_CACHE", "value": "/cache"})
-    return env
-
-
-def pod_settings(config: Config, stage: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """What the pods need besides their container: /dev/shm, the model cache, GPU node selectors and tolerations."""
-    cluster, resources = config.cluster, config.cluster.for_stage(stage)
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cluster.shm_size}}]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
-    if cluster.model_cache_pvc:
-        volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cluster.model_cache_pvc}})
-        mounts.append({"name": "model-cache", "mountPath": "/cache"})
-    spec: dict[str, Any] = {"volumes": volumes}
-    if resources.gpus:
-        spec["tolerations"] = [dict(t) for t in cluster.gpu_tolerations]
-        if cluster.gpu_node_selector:
-            spec["nodeSelector"] = dict(cluster.gpu_node_selector)
-    return spec, mounts
-
-
 def build(config: Config, config_json: str, stage: str, run_id: str, input_uris: dict[str, str], namespace: str,
           image: str) -> dict[str, Any]:
     """The TrainJob or PyTorchJob manifest for a stage."""
     settings = getattr(config, stage).distributed
-    resources = config.cluster.for_stage(stage)
-    per_node = resources.gpus or (1 if settings.processes == "auto" else settings.processes)
-    quantities = {"cpu": resources.cpu, "memory": resources.memory}
-    if resources.gpus:
-        quantities[resources.gpu_type] = str(resources.gpus)
+    spec = pod.for_stage(config, stage)
+    per_node = spec.gpus or (1 if settings.processes == "auto" else settings.processes)
     engine = ENGINES[settings.engine]
     metadata = {"name": job_name(config, stage, run_id), "namespace": namespace,
                 "labels": {"app.kubernetes.io/managed-by": "tuneforge", "tuneforge.io/stage": stage}}
-    command = ["torchrun", "-m", "tuneforge.pipelines.trainjob", stage]
-    env = environment(config, config_json, run_id, input_uris)
-    pod, mounts = pod_settings(config, stage)
+    command = ["torchrun", "-m", "tuneforge.pipelines.trainjob_node", stage]
+    pod_spec, container = pod.pod_template(spec)
+    job_env = [{"name": env.CONFIG_JSON, "value": config_json}, {"name": env.PARENT_RUN_ID, "value": run_id},
+               {"name": env.INPUTS, "value": json.dumps(input_uris, sort_keys=True)}, *container["env"]]
     if settings.engine == "trainjob":
-        patch_container = {"name": engine["container"], "volumeMounts": mounts}
-        replicated = {"name": "node", "template": {"spec": {"template": {"spec": pod | {"containers": [patch_container]}}}}}
+        patch_container = {"name": engine["container"], "volumeMounts": container["volumeMounts"]}
+        replicated = {"name": "node", "template": {"spec": {"template": {"spec": pod_spec | {"containers": [patch_container]}}}}}
         return {
             "apiVersion": f"{engine['group']}/{engine['version']}", "kind": engine["kind"], "metadata": metadata,
             "spec": {
                 "runtimeRef": {"name": settings.runtime},
-                "activeDeadlineSeconds": resources.timeout_seconds,
+                "activeDeadlineSeconds": spec.timeout_seconds,
                 "trainer": {"image": image, "command": command, "numNodes": settings.nodes, "numProcPerNode": per_node,
-                            "resourcesPerNode": {"requests": quantities, "limits": quantities}, "env": env},
+                            "resourcesPerNode": container["resources"], "env": job_env},
                 "runtimePatches": [{"manager": "tuneforge", "trainingRuntimeSpec": {
                     "template": {"spec": {"replicatedJobs": [replicated]}}}}],
             },
         }
-    container = {"name": engine["container"], "image": image, "command": command, "env": env,
-                 "resources": {"requests": quantities, "limits": quantities}, "volumeMounts": mounts}
+    node = {"name": engine["container"], "image": image, "command": command, **container, "env": job_env}
 
     def replicas(count: int) -> dict[str, Any]:
-        return {"replicas": count, "restartPolicy": "Never", "template": {"spec": pod | {"containers": [container]}}}
+        return {"replicas": count, "restartPolicy": "Never", "template": {"spec": pod_spec | {"containers": [node]}}}
 
     return {
         "apiVersion": f"{engine['group']}/{engine['version']}", "kind": engine["kind"], "metadata": metadata,
         "spec": {
             "nprocPerNode": str(per_node),
             # A failed job is not restarted by the operator: the KFP task's retry replaces it and resumes from S3.
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 0, "activeDeadlineSeconds": resources.timeout_seconds},
+            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 0, "activeDeadlineSeconds": spec.timeout_seconds},
             "pytorchReplicaSpecs": {"Master": replicas(1), "Worker": replicas(settings.nodes - 1)},
         },
     }
@@ -196,10 +157,7 @@ def current_namespace() -> str:
 
 def publish_inputs(config: Config, stage: str, inputs: dict[str, Path]) -> dict[str, str]:
     """The task's input artifacts, where the job's nodes fetch them: beside the stage's output on S3."""
-    from tuneforge.components.register import published_uri
-    from tuneforge.pipelines.stage_runner import FOLDERS
-
-    uri = published_uri(config, FOLDERS[stage])
+    uri = storage.published_uri(config.storage.uri, config.name, stages.get(stage).folder)
     return {name: storage.publish(path, f"{uri}.inputs/{name}", config.storage.endpoint_url) for name, path in inputs.items()}
 
 
@@ -209,12 +167,8 @@ def run(config: Config, config_json: str, stage: str, run_id: str, inputs: dict[
     from kubernetes import client
     from kubernetes import config as kube_config
 
-    from tuneforge.components.register import published_uri
-    from tuneforge.distributed import LaunchError
-    from tuneforge.pipelines.stage_runner import FOLDERS
-
     endpoint = config.storage.endpoint_url
-    uri = published_uri(config, FOLDERS[stage])
+    uri = storage.published_uri(config.storage.uri, config.name, stages.get(stage).folder)
     manifest = build(config, config_json, stage, run_id, publish_inputs(config, stage, inputs), current_namespace(), image)
     validate(manifest)
     try:
@@ -235,7 +189,8 @@ def run(config: Config, config_json: str, stage: str, run_id: str, inputs: dict[
         existing = api.get_namespaced_custom_object(*where, name)
         finished, succeeded, _ = outcome(spread.engine, existing.get("status") or {})
         if finished and not succeeded:
-            log.info("%s %s failed in an earlier attempt; replacing it (it resumes from the S3 checkpoints)", engine["kind"], name)
+            log.info("%s %s failed in an earlier attempt; replacing it (it resumes from the S3 checkpoints)",
+                     engine["kind"], name)
             api.delete_namespaced_custom_object(*where, name, propagation_policy="Foreground")
             while _exists(api, where, name):
                 time.sleep(2)
@@ -294,30 +249,3 @@ def _node0_log(namespace: str, engine: dict[str, str], name: str, lines: int = 2
         return f"--- last {lines} lines of {pods[0].metadata.name} ---\n{text}\n"
     except client.ApiException as exc:
         return f"(node 0's log could not be read: {exc.reason})\n"
-
-
-# ---------------------------------------------------------------- each node's side
-
-
-def main(stage: str) -> None:
-    """Run on every process of every node, under torchrun."""
-    from tuneforge.pipelines.stage_runner import run_stage
-    from tuneforge.training import main_process_first
-
-    config_json = os.environ[CONFIG_ENV]
-    config = Config.model_validate_json(config_json)
-    work = Path(os.environ.get("TUNEFORGE_JOB_DIR", "/workspace/job"))
-    inputs: dict[str, str] = {}
-    with main_process_first():  # one download per node; the node's other processes find it done
-        for name, uri in json.loads(os.environ[INPUTS_ENV]).items():
-            local = work / "inputs" / name
-            if not (local / storage.MANIFEST).exists():
-                storage.fetch(uri, local, config.storage.endpoint_url)
-            inputs[name] = str(local)
-    result = run_stage(stage, config_json, os.environ[tracking.PARENT_RUN_ENV], inputs, str(work / stage))
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(sys.argv[1])

@@ -21,6 +21,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from tuneforge.errors import ExportError
+
+# What models.py keeps beside a model converted from GGUF: the source file's tokenizer metadata.
+SOURCE_TOKENIZER = "tokenizer.gguf.json"
+
 log = logging.getLogger(__name__)
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted from HF's rotary layout to GGML's.
@@ -38,7 +43,6 @@ PYTHON_TYPES = {
 }
 # llama.cpp's llama_ftype values.
 LLAMA_CPP_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-TYPES = (*PYTHON_TYPES, *LLAMA_CPP_TYPES)
 
 # The text llama.cpp's converter tokenizes to recognise a BPE pre-tokenizer, and the hashes it knows.
 CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
@@ -52,14 +56,11 @@ KNOWN_PRE_TOKENIZERS = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
 }
 
+# llama.cpp's split regexes, verbatim.
 SPLIT_REGEXES = {
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",  # noqa: E501
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",  # noqa: E501
 }
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------- model metadata
@@ -146,10 +147,13 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, arch: gguf.MODEL_
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if (model_dir / "tokenizer.model").exists():
+    if (model_dir / SOURCE_TOKENIZER).exists():
+        _write_source_tokenizer(writer, json.loads((model_dir / SOURCE_TOKENIZER).read_text()), vocab_size, model_dir)
+    elif (model_dir / "tokenizer.model").exists():
         _write_sentencepiece(writer, model_dir / "tokenizer.model", tokenizer, vocab_size)
     elif arch == gguf.MODEL_ARCH.GEMMA3:
-        raise ExportError(f"{model_dir}: Gemma 3 export needs the SentencePiece file tokenizer.model beside the weights")
+        raise ExportError(f"{model_dir}: a Gemma 3 tokenizer needs its SentencePiece file tokenizer.model, or the "
+                          f"{SOURCE_TOKENIZER} of a model converted from GGUF, beside the weights; neither is there")
     else:
         _write_bpe(writer, model_dir, tokenizer, vocab_size)
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -168,6 +172,27 @@ def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, arch: gguf.MODEL_
         # llama.cpp ends a chat turn at the end-of-turn token.
         writer.add_eot_token_id(stop_ids[0])
     writer.add_chat_template(chat_template)
+
+
+def _write_source_tokenizer(writer: gguf.GGUFWriter, meta: dict[str, Any], vocab_size: int, model_dir: Path) -> None:
+    """The tokenizer of the GGUF file the model was converted from, as it was: llama.cpp then splits text exactly as
+    it did for the source. Special token ids and the add-BOS/EOS flags are the trained tokenizer's (written by the
+    caller)."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    if len(tokens) != vocab_size:
+        raise ExportError(f"{model_dir / SOURCE_TOKENIZER}: {len(tokens)} tokens for a vocabulary of {vocab_size}")
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    if "tokenizer.ggml.pre" in meta:
+        writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(tokens)
+    if "tokenizer.ggml.scores" in meta:
+        writer.add_token_scores(meta["tokenizer.ggml.scores"])
+    if "tokenizer.ggml.token_type" in meta:
+        writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    if meta.get("tokenizer.ggml.merges"):
+        writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.add_space_prefix" in meta:
+        writer.add_add_space_prefix(meta["tokenizer.ggml.add_space_prefix"])
 
 
 def _token_type(token: str, token_id: int, added: dict[int, Any]) -> int:
@@ -323,7 +348,8 @@ def _storage_type(new_name: str, shape: tuple[int, ...], out_type: gguf.GGMLQuan
     return out_type
 
 
-def write_gguf(model_dir: Path, path: Path, out_type: str, *, name: str, chat_template: str, stop_tokens: list[str]) -> dict[str, Any]:
+def write_gguf(model_dir: Path, path: Path, out_type: str, *, name: str, chat_template: str,
+               stop_tokens: list[str]) -> dict[str, Any]:
     """Write `path` from the checkpoint in `model_dir` with tensors in `out_type` (f16, bf16 or q8_0)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())

@@ -1,0 +1,58 @@
+"""What the data is when a run starts: a fingerprint of every data source and the eval tasks, taken by the pipeline's
+first task (never cached) and handed to data-prep as an input, so a compiled pipeline fired on a schedule retrains
+when the files under the same names change and takes everything from the cache when they do not.
+
+Local files: sha256 of their bytes. S3: the ETag, size and version id of the object, or of every object under a
+prefix. The fingerprint lists the objects it covered; they go into data-prep's lineage and the pipeline's MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tuneforge import storage
+from tuneforge.config import Config
+from tuneforge.errors import DataError
+
+
+def _local(path: str) -> list[dict[str, Any]]:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: data file not found")
+    return [{"source": path, "sha256": storage.sha256_file(file), "size": file.stat().st_size}]
+
+
+def _s3(uri: str, endpoint_url: str | None) -> list[dict[str, Any]]:
+    bucket, key = storage.split_s3(uri)
+    client = storage.s3_client(endpoint_url)
+    with storage.s3_errors(uri):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        found = [o for page in pages for o in page.get("Contents", []) if o["Key"] == key or
+                 o["Key"].startswith(key.rstrip("/") + "/")]
+        if not found:
+            raise DataError(f"{uri}: no such object or prefix in S3")
+        objects = []
+        for item in sorted(found, key=lambda o: o["Key"]):
+            # head_object has the version id where the bucket keeps versions; the listing does not.
+            head = client.head_object(Bucket=bucket, Key=item["Key"])
+            objects.append({"source": uri, "key": f"s3://{bucket}/{item['Key']}", "etag": head["ETag"].strip('"'),
+                            "size": head["ContentLength"], "version": head.get("VersionId")})
+    return objects
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """{"sha256": one digest over every object, "objects": what it covered}."""
+    paths = [s.path for s in config.data.sources] + ([config.data.eval_tasks] if config.data.eval_tasks else [])
+    objects: list[dict[str, Any]] = []
+    for path in paths:
+        if storage.is_s3(path):
+            objects += _s3(path, config.storage.endpoint_url)
+        elif "://" in path:
+            raise DataError(f"{path}: only local files and s3:// URIs are supported as data sources")
+        else:
+            objects += _local(path)
+    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "objects": objects}

@@ -1,0 +1,28 @@
+"""The environment variables tuneforge reads and sets, in one place."""
+
+# Set by the pipeline for its tasks.
+PARENT_RUN_ID = "TUNEFORGE_PARENT_RUN_ID"  # the pipeline's MLflow run, parent of every stage's run
+RUN_ID = "TUNEFORGE_RUN_ID"  # names the run's folder under storage.uri
+CHECKPOINT_URI = "TUNEFORGE_CHECKPOINT_URI"  # where sft/dpo mirror their checkpoints (an S3 prefix)
+DATA_FINGERPRINT = "TUNEFORGE_DATA_FINGERPRINT"  # the data as the run's first task found it; data-prep checks it
+PUBLISH_URI = "TUNEFORGE_PUBLISH_URI"  # where the stage's output will be published; recorded in its lineage
+# The KFP run a task belongs to: the pod's `pipeline/runid` label on a cluster, set by `tuneforge run` locally. Not a task
+# input, so that it stays out of the tasks' cache keys.
+KFP_RUN_ID = "KFP_RUN_ID"
+
+# Set by the user or the cluster.
+CACHE = "TUNEFORGE_CACHE"  # base models, converted GGUF weights and downloaded data
+REGISTRY = "TUNEFORGE_REGISTRY"  # the image registry the compiled pipeline names (and images/build.sh pushes to)
+IMAGE_TAG = "TUNEFORGE_IMAGE_TAG"
+
+# Set by the images: the image's version and the code revision it was built from (no git inside an image).
+IMAGE_VERSION = "TUNEFORGE_IMAGE_VERSION"
+CODE_REVISION = "TUNEFORGE_CODE_REVISION"
+
+# Written by `tuneforge services up` into its env file, beside AWS_* and MLFLOW_TRACKING_URI.
+S3_BUCKET = "TUNEFORGE_S3_BUCKET"
+
+# Handed to the nodes of a Kubeflow Trainer job.
+CONFIG_JSON = "TUNEFORGE_CONFIG_JSON"
+INPUTS = "TUNEFORGE_INPUTS"
+JOB_DIR = "TUNEFORGE_JOB_DIR"

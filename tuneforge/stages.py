@@ -1,0 +1,72 @@
+"""The stages of the pipeline, in one place: the CLI, the pipeline, the task runner, the register stage and the
+config read them from here; nothing else lists stages.
+
+A stage has one name everywhere: `tuneforge stage NAME`, the KFP task, its output folder (locally and under
+storage.uri), its MLflow run (`RUN/NAME`) and the `stage` of its manifest. Its code is the module
+tuneforge/components/NAME.py (hyphens as underscores), with `run(config, inputs, output) -> result`.
+An input is named after the KFP output it receives (`data`, `model`, ...).
+
+Adding a stage: write its module, add its entry here, and wire it into the DAG in pipelines/pipeline.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    requires: tuple[str, ...] = ()  # inputs it cannot run without
+    accepts: tuple[str, ...] = ()  # inputs it uses when given
+    output: str = "output"  # its KFP output artifact, which later stages take as an input of that name
+    trains: bool = False  # runs a Trainer: GPUs, checkpoints and their S3 mirror, backends, torchrun
+    # Config sections (or section.key) it reads besides COMMON_SECTIONS: its task, and cache key, has only these.
+    reads: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return "tuneforge.components." + self.name.replace("-", "_")
+
+    @property
+    def folder(self) -> str:
+        """Its output folder, locally and under storage.uri/NAME/RUN_ID/."""
+        return self.name
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.requires + self.accepts
+
+
+# What every stage reads: who it is, where it logs and publishes, the base model. `data` is here too: a change to it
+# reruns data-prep, whose new output reruns everything after it anyway.
+COMMON_SECTIONS = ("name", "workdir", "base_model", "data", "tracking", "storage")
+
+STAGES = (
+    # dpo.enabled: whether preference pairs are needed (an empty preference split is then an error).
+    Stage("data-prep", output="data", reads=("dpo.enabled",)),
+    Stage("sft", requires=("data",), output="model", trains=True, reads=("sft",)),
+    # dpo reloads the base as sft.method trained it (4 bits after QLoRA).
+    Stage("dpo", requires=("data", "model"), output="model", trains=True, reads=("sft", "dpo")),
+    Stage("merge", requires=("model",), accepts=("base",), output="model", reads=("merge",)),
+    # champion: the registered champion's merged model, re-scored on the same data. sft_merged: the SFT model, scored
+    # against DPO's. sft and dpo: the training stages' outputs, read for their loss curves. sft.loss_on decides the
+    # held-out loss;
+    # registry, whether the candidate beats the base model.
+    Stage("evaluate", requires=("data", "model"), accepts=("champion", "sft_merged", "sft", "dpo"), output="evaluation",
+          reads=("sft", "evaluate", "registry")),
+    Stage("export-gguf", requires=("model",), output="gguf", reads=("export",)),
+    Stage("register", requires=("evaluation", "model"), accepts=("gguf",), output="registration",
+          reads=("registry",)),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+NAMES = tuple(BY_NAME)
+TRAINING = tuple(stage.name for stage in STAGES if stage.trains)
+
+
+def get(name: str) -> Stage:
+    """The stage called `name`; a KeyError names the stages there are."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(NAMES)}") from None
