@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	ls $(WHEELHOUSE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(BIN)/python -m pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELHOUSE)
-	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python $(LLAMA_CPP)
+	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python -e ".[dev,gguf]"
 	touch $@
 
 setup-unsloth: $(UNSLOTH_VENV)/.installed

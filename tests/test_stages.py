@@ -41,7 +41,7 @@ def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded"
-    stages = ["data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register"]
+    stages = ["data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "serve-check", "register"]
     assert {k: v["status"] for k, v in summary["stages"].items()} == dict.fromkeys(stages, "succeeded")
     assert summary["metrics"]["candidate"]["eval_loss"] < summary["metrics"]["base"]["eval_loss"] - 1.0
     # One line per task on the console, the tasks' raw output in the run's log file.
@@ -56,11 +56,14 @@ def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path
         "completion_only_loss_mask": "pass", "memory_plan_sft": "n/a", "memory_plan_dpo": "n/a",
         "gradient_checkpointing_chosen": "pass", "eval_loss_watched": "pass", "adapter_saved_and_loaded_back": "pass",
         "merged_model_tested_at_inference": "pass", "chat_template_the_same_in_the_gguf_files": "pass",
-        "gguf_files_verified_in_llama_cpp": "pass"}, summary["checklist"]
+        "gguf_files_verified_in_llama_cpp": "pass", "served_model_answers_like_the_merged_one": "pass"}, summary["checklist"]
     assert re.fullmatch(r"[\d.]+% of the tokens of a sample batch are trained on", checklist["completion_only_loss_mask"]["evidence"])
     assert "trained on the CPU; the plan for a GPU is" in checklist["memory_plan_sft"]["evidence"]
     assert "dpo: saved weights equal the trained ones (max diff 0)" in checklist["adapter_saved_and_loaded_back"]["evidence"]
     assert "q8_0: tokenizer agreement 1.0" in checklist["gguf_files_verified_in_llama_cpp"]["evidence"]
+    # The q8_0 file, served by llama.cpp and asked through the openai client, answers as the merged model did.
+    assert summary["serving"]["q8_0"]["agreement"]["exact_match"] >= 0.5
+    assert "q8_0 through llama.cpp's server: exact_match score" in checklist["served_model_answers_like_the_merged_one"]["evidence"]
 
     mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{workdir / 'mlflow.db'}"

@@ -112,6 +112,17 @@ def from_export(items: list[dict[str, str]], template_sha256: str, export: dict[
                 for t, c in checks.items()))]
 
 
+def from_serving(items: list[dict[str, str]], serving: dict[str, Any] | None) -> list[dict[str, str]]:
+    """register's addition from serve-check: the GGUF files answered the eval tasks, served, like the merged model."""
+    if serving is None:
+        return [*items, _item("served model answers like the merged one", None,
+                              "no serve-check (export.enabled, serve_check.enabled or data.eval_tasks is off)")]
+    return [*items, _item("served model answers like the merged one", serving["metrics"]["passed"], "; ".join(
+        f"{t} through llama.cpp's server: " + ", ".join(
+            f"{m} score {c['score']:.3g} (merged {c['reference_score']:.3g}), agreement {c['agreement']:.3g}"
+            for m, c in r["by_metric"].items()) for t, r in serving["metrics"]["types"].items()))]
+
+
 def _activations(config: Config) -> str:
     try:
         return f"the plan's activations without it are {plan.stage_memory(config, 'sft')['activations']:.1f} GiB"

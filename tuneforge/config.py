@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneforge import stages
 from tuneforge.errors import ConfigError
@@ -255,6 +255,30 @@ class ExportSettings(Strict):
         return self.tolerances.get(gguf_type, GGUF_TOLERANCES[gguf_type])
 
 
+class ServeCheckSettings(Strict):
+    enabled: bool = Field(True, description="Serve each GGUF file with llama.cpp's server and ask it the eval tasks "
+                          "(stage serve-check); needs export.enabled and data.eval_tasks.")
+    min_agreement: dict[str, float] = Field(
+        default_factory=lambda: {"exact_match": 0.8, "contains": 0.7, "rouge_l": 0.6},
+        description="Per task metric (the `metric` an eval task names): the least mean ROUGE-L between the served "
+                    "answers and the merged model's answers to the same tasks.")
+    max_score_drop: dict[str, float] = Field(
+        default_factory=lambda: {"exact_match": 0.15, "contains": 0.15, "rouge_l": 0.15},
+        description="Per task metric: how far the served task score may fall below the merged model's.")
+    context_length: int = Field(2048, gt=0, description="The server's context window (n_ctx).")
+    timeout_seconds: float = Field(120, gt=0, description="How long the server may take to start, and each request.")
+
+    @field_validator("min_agreement", "max_score_drop")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"exact_match", "contains", "rouge_l"})
+        if unknown:
+            raise ValueError(f"unknown task metric(s) {unknown}; metrics are exact_match, contains, rouge_l")
+        if any(not 0 <= v <= 1 for v in value.values()):
+            raise ValueError("values are shares between 0 and 1")
+        return value
+
+
 class StorageSettings(Strict):
     uri: str | None = Field(
         None, description="s3://bucket/prefix where stage outputs are published (under NAME/RUN_ID/STAGE); null: local only."
@@ -355,6 +379,8 @@ class Config(Strict):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings,
                                        description="Scoring base and candidate (stage evaluate).")
     export: ExportSettings = Field(default_factory=ExportSettings, description="GGUF files (stage export-gguf).")
+    serve_check: ServeCheckSettings = Field(default_factory=ServeCheckSettings,
+                                            description="The GGUF files served and asked the eval tasks (stage serve-check).")
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Where stage outputs are published.")
     registry: RegistrySettings = Field(default_factory=RegistrySettings,
                                        description="Registration and promotion (stage register).")

@@ -32,6 +32,10 @@ class ExportError(ModelError):
     """A model that cannot be written as GGUF, or whose GGUF file fails verification."""
 
 
+class ServeCheckError(ModelError):
+    """A GGUF file that, served by llama.cpp, answers the eval tasks worse than or unlike the merged model."""
+
+
 class MergeCheckError(ModelError):
     """The merged model does not reproduce the adapter model."""
 

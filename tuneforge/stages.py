@@ -56,7 +56,9 @@ STAGES = (
     Stage("evaluate", requires=("data", "model"), accepts=("champion", "sft_merged", "sft", "dpo"), output="evaluation",
           reads=("sft", "evaluate", "registry")),
     Stage("export-gguf", requires=("model",), output="gguf", reads=("export",)),
-    Stage("register", requires=("evaluation", "model"), accepts=("gguf",), output="registration",
+    # evaluation: the merged model's answers, which the served GGUF's are compared with.
+    Stage("serve-check", requires=("data", "gguf", "evaluation"), output="serving", reads=("evaluate", "serve_check")),
+    Stage("register", requires=("evaluation", "model"), accepts=("gguf", "serving"), output="registration",
           reads=("registry",)),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -8,7 +8,7 @@ curves (and the DPO likelihood guard's report) go into the report.
 Metrics, for both models: loss and perplexity on the held-out SFT rows, preference accuracy on held-out
 pairs (sum log p(chosen) > sum log p(rejected)), and generation tasks scored by exact match, contains and
 ROUGE-L. The chat template must be the one data-prep recorded.
-Outputs: metrics.json, report.md (sample generations side by side), before_after.png, loss_curves.png.
+Outputs: metrics.json, answers.jsonl (the candidate's answer to each eval task), report.md (sample generations side by side), before_after.png, loss_curves.png.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Any
 
 import mlflow
 import torch
-from rouge_score import rouge_scorer
 
-from tuneforge import advice, chat_templates, checklist, models, plots, registry, storage, tracking
+from tuneforge import advice, chat_templates, checklist, models, plots, registry, scoring, storage, tracking
 from tuneforge.config import Config
 from tuneforge.data import prepared
 from tuneforge.errors import SetupError, TuneforgeError
@@ -32,7 +31,6 @@ from tuneforge.errors import SetupError, TuneforgeError
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-SCORES = ("exact_match", "contains", "rouge_l")
 
 
 def _batches(items: list, size: int):
@@ -96,14 +94,6 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
     return outputs
 
 
-def score(output: str, expected: str, scorer) -> dict[str, float]:
-    return {
-        "exact_match": float(output.strip() == expected.strip()),
-        "contains": float(expected.strip().lower() in output.lower()),
-        "rouge_l": scorer.score(expected, output)["rougeL"].fmeasure,
-    }
-
-
 def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_ids: list[int]) -> tuple[dict, list[str]]:
     settings = config.evaluate
     model.eval()
@@ -116,12 +106,7 @@ def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_
     if data["tasks"]:
         prompts = [t["prompt"] for t in data["tasks"]]
         outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.batch_size)
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
-        per_task = [score(o, t["expected"], scorer) for o, t in zip(outputs, data["tasks"], strict=True)]
-        for name in SCORES:
-            metrics[f"task_{name}"] = sum(s[name] for s in per_task) / len(per_task)
-        # Each task names the metric that decides it; task_score averages those.
-        metrics["task_score"] = sum(s[t["metric"]] for s, t in zip(per_task, data["tasks"], strict=True)) / len(per_task)
+        metrics.update(scoring.task_metrics(outputs, data["tasks"]))
     return metrics, outputs
 
 
@@ -196,6 +181,12 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     lineage = tracking.inherit_lineage(model_manifest, config, inputs)
     with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        # The candidate's answer to each eval task, and how many tokens its prompt was: serve-check compares the
+        # served GGUF's answers and prompt lengths with them.
+        prompt_tokens = [len(tokenizer(t["prompt"], add_special_tokens=False)["input_ids"]) for t in data["tasks"]]
+        (out / "answers.jsonl").write_text("".join(
+            json.dumps({"task": i, "answer": a, "prompt_tokens": n}) + "\n"
+            for i, (a, n) in enumerate(zip(generations.get("candidate", []), prompt_tokens, strict=False))))
         samples = [{"prompt": t["messages"][-1]["content"], "expected": t["expected"],
                     **{name: generations[name][i] for name in models_scored}}
                    for i, t in enumerate(data["tasks"][: config.evaluate.samples])]

@@ -1,7 +1,8 @@
 """Stage register: the evaluated candidate becomes a new version of the registered model, unless the registry
 already holds the same model.
 
-Inputs: evaluation (an evaluate output), model (the merge output it evaluated), gguf (optional export output).
+Inputs: evaluation (an evaluate output), model (the merge output it evaluated), gguf (optional export output),
+serving (optional serve-check output: its agreement figures become a tag and a checklist item).
 A model whose merged files equal a registered version's (`model_sha256`) registers nothing: the result says
 "unchanged: version N". Otherwise the version gets the `challenger` alias, lineage tags (run ids, base model, data and
 template hashes, evaluation metrics, GGUF files) and a model card as its description; the gate compares it with the
@@ -60,6 +61,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         tags["gguf_files"] = json.dumps(gguf_files)
     items = checklist.from_export(evaluation["metrics"].get("checklist", []), lineage["chat_template_sha256"], gguf,
                                   gguf["lineage"].get("gguf_chat_template_sha256", {}) if gguf else {})
+    serving = storage.read_manifest(Path(inputs["serving"]), "serve-check") if "serving" in inputs else None
+    if serving:
+        tags["serve_check"] = json.dumps({t: {m: round(c["agreement"], 4) for m, c in r["by_metric"].items()}
+                                          for t, r in serving["metrics"]["types"].items()})
+    items = checklist.from_serving(items, serving)
     statuses = [i["status"] for i in items]
     tags["checklist"] = ", ".join(f"{statuses.count(s)} {s}" for s in ("pass", "fail", "n/a") if s in statuses)
     name = config.registry.model_name or config.name

@@ -145,13 +145,29 @@ def export_gguf(config_json: str, code_version: str, model: Input[Model], gguf: 
     record_metrics(metrics, {f"{t}_{k}": v for t, check in result["metrics"]["types"].items() for k, v in check.items()})
 
 
+@dsl.component(base_image=EXPORT_IMAGE, install_kfp_package=False)
+def serve_check(config_json: str, code_version: str, data: Input[Dataset], gguf: Input[Artifact],
+                evaluation: Input[Artifact], serving: Output[Artifact], metrics: Output[Metrics],
+                report: Output[Markdown]):
+    import shutil
+
+    from tuneforge.pipelines.stage_runner import record_metrics, run_stage
+
+    result = run_stage("serve-check", config_json, {"data": data.path, "gguf": gguf.path, "evaluation": evaluation.path},
+                       serving.path)
+    shutil.copy(f"{serving.path}/report.md", report.path)
+    record_metrics(metrics, {f"{t}_{k}": v for t, r in result["metrics"]["types"].items() for k, v in r.items()
+                             if isinstance(v, (int, float))})
+
+
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def register(config_json: str, code_version: str, evaluation: Input[Artifact], model: Input[Model],
-             registration: Output[Artifact], gguf: Input[Artifact] = None) -> str:
+             registration: Output[Artifact], gguf: Input[Artifact] = None, serving: Input[Artifact] = None) -> str:
     import json
 
     from tuneforge.pipelines.stage_runner import run_stage
 
-    inputs = {"evaluation": evaluation.path, "model": model.path, "gguf": gguf.path if gguf else ""}
+    inputs = {"evaluation": evaluation.path, "model": model.path, "gguf": gguf.path if gguf else "",
+              "serving": serving.path if serving else ""}
     result = run_stage("register", config_json, inputs, registration.path)
     return json.dumps(result["metrics"])

@@ -122,6 +122,9 @@ def key_metric(stage: str, entry: dict[str, Any]) -> str:
         return f"{primary} {base:.3g} -> {candidate:.3g}{winner}"
     if stage == "export-gguf":
         return ", ".join(f"{t} KL {c['mean_kl']:.3g}" for t, c in metrics["types"].items())
+    if stage == "serve-check":
+        return ", ".join(f"{t} agreement {min(c['agreement'] for c in r['by_metric'].values()):.3g}, "
+                         f"{r['tokens_per_second']:.1f} tokens/s" for t, r in metrics["types"].items())
     if stage == "register":
         decision = metrics["decision"]
         return "unchanged" if decision.get("unchanged") else f"version {metrics['version']}" + (

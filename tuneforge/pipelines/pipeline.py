@@ -1,6 +1,6 @@
 """The KFP pipeline: the DAG for a config, and how it runs locally (kfp.local), compiles, is submitted and scheduled.
 
-    data-prep -> sft -> dpo (when enabled) -> merge -> evaluate -> [beats base] -> export-gguf -> register
+    data-prep -> sft -> dpo (when enabled) -> merge -> evaluate -> [beats base] -> export-gguf -> serve-check -> register
 
 An exit handler closes the pipeline's MLflow run as FAILED when anything fails. Resources, retries with
 backoff, timeouts, caching, secrets as env, the model-cache PVC, GPU node selectors and tolerations and a
@@ -98,6 +98,11 @@ def _run_identity(task: dsl.PipelineTask) -> None:
     kubernetes.use_field_path_as_env(task, env.KFP_RUN_ID, "metadata.labels['pipeline/runid']")
 
 
+def serve_checked(config: Config) -> bool:
+    """Whether the run serves its GGUF files: they are exported, and there are eval tasks to ask them."""
+    return config.export.enabled and config.serve_check.enabled and bool(config.data.eval_tasks)
+
+
 def build(config: Config, local: bool = False):
     """The pipeline function for this config (the DAG's shape follows dpo.enabled, export.enabled, registry.enabled).
     `local`: for kfp.local on this machine (no retries unless the config sets them)."""
@@ -143,6 +148,9 @@ def build(config: Config, local: bool = False):
                 extra = {}
                 if config.export.enabled:
                     extra["gguf"] = stage("export-gguf", c.export_gguf, model=model).outputs["gguf"]
+                    if serve_checked(config):
+                        extra["serving"] = stage("serve-check", c.serve_check, data=data, gguf=extra["gguf"],
+                                                 evaluation=evaluated.outputs["evaluation"]).outputs["serving"]
                 if config.registry.enabled:
                     registered = stage("register", c.register, evaluation=evaluated.outputs["evaluation"], model=model,
                                        **extra)
@@ -325,7 +333,13 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
         summary["winner"] = {"model": results["winner"], "why": results["winner_reason"]}
         if results["winner"] == "sft" and "merge-sft" in outputs:
             outputs["merge"] = outputs["merge-sft"]
-    summary["artifacts"] = {k: str(outputs[k]) for k in ("merge", "evaluate", "export-gguf") if k in outputs}
+    if "serve-check" in outputs:
+        served = json.loads((outputs["serve-check"] / "manifest.json").read_text())["metrics"]["types"]
+        summary["serving"] = {t: {"task_score": round(r["task_score"], 4), "same_prompt_tokens": r["same_prompt_tokens"],
+                                  "tokens_per_second": round(r["tokens_per_second"], 1),
+                                  "agreement": {m: round(c["agreement"], 4) for m, c in r["by_metric"].items()}}
+                              for t, r in served.items()}
+    summary["artifacts"] = {k: str(outputs[k]) for k in ("merge", "evaluate", "export-gguf", "serve-check") if k in outputs}
     return summary
 
 
