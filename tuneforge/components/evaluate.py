@@ -8,7 +8,8 @@ curves (and the DPO likelihood guard's report) go into the report.
 Metrics, for both models: loss and perplexity on the held-out SFT rows, preference accuracy on held-out
 pairs (sum log p(chosen) > sum log p(rejected)), and generation tasks scored by exact match, contains and
 ROUGE-L. The chat template must be the one data-prep recorded.
-Outputs: metrics.json, answers.jsonl (the candidate's answer to each eval task), report.md (sample generations side by side), before_after.png, loss_curves.png.
+Outputs: metrics.json, answers.jsonl (the candidate's answer to each eval task), report.md (sample generations side
+by side), before_after.png, loss_curves.png.
 """
 
 from __future__ import annotations
