@@ -9,6 +9,9 @@ BIN = $(VENV)/bin
 # wheel kept here for every later setup on this machine.
 LLAMA_CPP = llama-cpp-python==0.3.36
 WHEELHOUSE ?= $(HOME)/.cache/tuneforge/wheels
+KSERVE_SDK = kserve==0.21.0 cloudevents==1.13.0 grpc-interceptor==0.15.4 timing-asgi==0.3.2 orjson==3.13.0 \
+  prometheus_client==0.26.0 grpcio==1.85.3 grpcio-tools==1.81.1 deprecation==2.1.0 python-multipart==0.0.34 \
+  httpx==0.28.1 httpcore==1.0.9 watchfiles==1.3.0
 LLAMA_CMAKE_ARGS = -DGGML_NATIVE=off -DLLAVA_BUILD=off -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TESTS=off
 
 # Unsloth's dependency set (it pins transformers, trl and datasets below the CPU environment's), kept in a second
@@ -37,6 +40,9 @@ $(VENV)/.installed: pyproject.toml
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(BIN)/python -m pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELHOUSE)
 	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python -e ".[dev,gguf]"
+	# The KServe SDK's API types, which `tuneforge deploy --target kserve` reads its manifests into: without the pins
+	# of its model server (they would downgrade pandas and psutil), only what importing it needs.
+	$(BIN)/python -m pip install -q --no-deps $(KSERVE_SDK)
 	touch $@
 
 setup-unsloth: $(UNSLOTH_VENV)/.installed

@@ -225,6 +225,7 @@ NON_DEFAULT = [
     "--set", "networkPolicy.allowNamespaces={kubeflow,team-a}", "--set", "schedule.enabled=true",
     "--set", "schedule.config=tiny.yaml", "--set", "schedule.kfpTokenSecret=kfp-token",
     "--set-file", f"runConfigs.tiny\\.yaml={ROOT / 'examples' / 'tiny.yaml'}",
+    "--set", "serving.enabled=true", "--set", "serving.modelUri=s3://tuneforge/runs/extract/r1/export-gguf/extract-q8_0.gguf",
 ]
 
 
@@ -295,6 +296,13 @@ def test_non_default_render_is_valid_kubernetes(helm):
     # The mounted run config is one tuneforge accepts.
     config_text = by_name["ConfigMap/tf-tuneforge-runs"]["data"]["tiny.yaml"]
     Config.model_validate(yaml.safe_load(config_text))
+    # The serving section: llama.cpp's server on the GGUF file in the export image, fetched by an init container.
+    serving = by_name["Deployment/tf-tuneforge-serving"]["spec"]["template"]["spec"]
+    assert serving["initContainers"][0]["command"] == [
+        "tuneforge", "serve", "s3://tuneforge/runs/extract/r1/export-gguf/extract-q8_0.gguf", "--models-dir", "/models", "--fetch-only"]
+    assert serving["containers"][0]["command"][:3] == ["tuneforge", "serve", "/models/extract-q8_0.gguf"]
+    assert serving["containers"][0]["image"] == "registry.example.com/ml/tuneforge-export:2026.11.30"
+    assert by_name["Service/tf-tuneforge-serving"]["spec"]["ports"][0]["targetPort"] == "http"
     policy = by_name["NetworkPolicy/tf-tuneforge-mlflow"]["spec"]["ingress"][0]["from"]
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "team-a"}}} in policy
 
@@ -353,6 +361,8 @@ BAD_VALUES = [
     (["--set", "seaweedfs.enabled=false"], "s3.endpoint is required"),
     (["--set", "mlflow.enabled=false"], "mlflow.externalUri is required"),
     (["--set", "schedule.enabled=true", "--set", "schedule.config=missing.yaml"], 'schedule.config "missing.yaml" is not a key of runConfigs'),
+    (["--set", "serving.enabled=true"], "serving.modelUri is required when serving.enabled is true"),
+    (["--set", "serving.modelUri=/models/local.gguf"], "/serving/modelUri"),
 ]
 
 

@@ -9,8 +9,7 @@ import pytest
 import yaml
 from conftest import EXAMPLES, assert_no_output, cli
 
-from tuneforge import gguf_writer, storage
-from tuneforge.components import serve_check
+from tuneforge import gguf_writer, serving, storage
 from tuneforge.config import load_config
 from tuneforge.pipelines import pipeline
 
@@ -121,5 +120,5 @@ def test_serve_check_limits_name_unknown_metrics(tmp_path):
 
 
 def test_server_command_uses_the_files_own_template(tmp_path):
-    command = serve_check.server_command(tmp_path / "m.gguf", 8080, 2048)
+    command = serving.server_command(tmp_path / "m.gguf", 8080, 2048)
     assert "--chat_format" not in command and command[1:3] == ["-m", "llama_cpp.server"]

@@ -385,6 +385,75 @@ def promote(name: str, version: str, tracking_uri: TrackingOption = None,
     typer.echo(json.dumps(registry.promote(_client(tracking_uri), name, version, who)))
 
 
+@app.command()
+def serve(
+    source: Annotated[str, typer.Argument(help="A GGUF file: a local path, or the s3:// URI of one an export-gguf "
+                                               "output published (registry tag gguf_files).")],
+    models_dir: Annotated[Path, typer.Option(help="Where an s3:// file is fetched to.")] = Path("models"),
+    fetch_only: Annotated[bool, typer.Option(help="Fetch and check the file, then exit (a pod's init container).")] = False,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    alias: Annotated[str, typer.Option(help="The model name clients ask for.")] = "served",
+    context_length: int = 2048,
+) -> None:
+    """Serve a GGUF file with llama.cpp's OpenAI-compatible server, as serve-check did: the chat template, BOS and EOS
+    the file carries. An s3:// file is fetched first and its sha256 checked against its manifest."""
+    from tuneforge import serving
+
+    _setup_logging(False)
+    path = serving.fetch_gguf(source, models_dir) if storage.is_s3(source) else Path(source)
+    if not path.is_file():
+        _fail(f"{path}: no such GGUF file")
+    if fetch_only:
+        typer.echo(str(path))
+        return
+    serving.require_server()
+    command = serving.server_command(path, port, context_length, host=host, alias=alias)
+    sys.stdout.flush()
+    os.execv(command[0], command)  # the server becomes the container's process and gets its signals
+
+
+@app.command()
+def deploy(
+    model: Annotated[str, typer.Argument(help="NAME[@ALIAS] of a registered model; the alias defaults to champion.")],
+    target: Annotated[str, typer.Option(help="llamacpp (Deployment + Service) or kserve (ServingRuntime + "
+                                             "InferenceServices).")] = "llamacpp",
+    gguf_type: Annotated[str | None, typer.Option(help="Which of the version's GGUF files; default its first.")] = None,
+    s3_secret: Annotated[str, typer.Option(help="llamacpp: the Secret with the AWS_* keys the init container reads.")
+                         ] = "tuneforge-s3",
+    service_account: Annotated[str, typer.Option(help="kserve: the service account whose S3 credentials KServe's "
+                                                      "storage initializer uses.")] = "tuneforge-serving",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the manifests here; default stdout.")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Kubernetes manifests that serve the version an alias points at, checked against the API types."""
+    import yaml
+
+    from tuneforge import serving
+    from tuneforge.pipelines import deploy as manifests
+
+    if target not in ("llamacpp", "kserve"):
+        _fail(f"--target {target!r}: llamacpp or kserve")
+    found = manifests.resolve(_client(tracking_uri), model)
+    gguf_type, uri = manifests.gguf_uri(found, gguf_type)
+    size = int(serving.published_entry(uri)["size"])
+    if target == "llamacpp":
+        rendered = manifests.llamacpp(found, gguf_type, s3_secret, size)
+    else:
+        rendered = manifests.kserve(found, gguf_type, service_account, size)
+        if manifests.kserve_sdk_available():
+            for manifest in rendered:
+                manifests.validate_kserve(manifest)
+        else:
+            _warn("the kserve SDK is not installed: the KServe manifests are not checked against its API types "
+                  "(pip install kserve)")
+    text = yaml.safe_dump_all(rendered, sort_keys=False)
+    if output:
+        output.write_text(text)
+    else:
+        typer.echo(text)
+
+
 def main() -> None:
     app()
 

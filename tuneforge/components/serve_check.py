@@ -21,22 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
-from tuneforge import scoring, storage, tracking
+from tuneforge import scoring, serving, storage, tracking
 from tuneforge.config import Config
 from tuneforge.data import prepared
 from tuneforge.errors import ServeCheckError, SetupError
@@ -45,66 +36,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "serve-check"
 MODEL_ALIAS = "served"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(gguf: Path, port: int, context_length: int, host: str = "127.0.0.1") -> list[str]:
-    """llama.cpp's OpenAI-compatible server on one GGUF file; no chat_format: the template inside the file is used."""
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
-            "--host", host, "--port", str(port), "--n_ctx", str(context_length),
-            "--n_threads", str(os.cpu_count() or 1), "--verbose", "false"]
-
-
-@contextmanager
-def served(gguf: Path, context_length: int, timeout: float, log_path: Path) -> Iterator[str]:
-    """The base URL of a llama.cpp server on GGUF, started here and stopped (its whole process group) on leaving."""
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError as exc:
-        raise SetupError(f"serve-check needs llama-cpp-python's server ({exc}): pip install 'tuneforge[gguf]', or set "
-                         "serve_check.enabled: false") from None
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "ab") as server_log:
-        process = subprocess.Popen(server_command(gguf, port, context_length), stdout=server_log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise ServeCheckError(f"llama.cpp's server did not start on {gguf.name} (exit {process.returncode}): "
-                                      + _tail(log_path))
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise ServeCheckError(f"llama.cpp's server on {gguf.name} did not answer within {timeout:.0f} s "
-                                          "(serve_check.timeout_seconds): " + _tail(log_path)) from None
-                time.sleep(0.3)
-        yield f"{url}/v1"
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return " | ".join(text[-lines:]) or "no output"
 
 
 def ask(base_url: str, tasks: list[dict[str, Any]], max_tokens: int, timeout: float) -> tuple[list[str], dict[str, float]]:
@@ -169,6 +100,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         raise SetupError(f"{evaluation_dir}/answers.jsonl has {len(reference)} answers for {len(tasks)} eval tasks: "
                          "evaluate and serve-check must read the same data and evaluate.max_examples")
 
+    serving.require_server()
     lineage = tracking.inherit_lineage(evaluation, config, inputs)
     results: dict[str, Any] = {"types": {}}
     problems: list[str] = []
@@ -176,8 +108,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
         for gguf_type, name in export["lineage"]["gguf_files"].items():
             log.info("serving %s", name)
-            with served(gguf_dir / name, config.serve_check.context_length, config.serve_check.timeout_seconds,
-                        out / f"server-{gguf_type}.log") as base_url:
+            with serving.served(gguf_dir / name, config.serve_check.context_length, config.serve_check.timeout_seconds,
+                                out / f"server-{gguf_type}.log", alias=MODEL_ALIAS) as base_url:
                 answers, prompt_tokens, speed = ask(base_url, tasks, config.evaluate.max_new_tokens,
                                                     config.serve_check.timeout_seconds)
             checks = scoring.by_metric(answers, reference, tasks)

@@ -66,6 +66,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.externalUri) -}}
 {{- fail "mlflow.externalUri is required when mlflow.enabled is false" -}}
 {{- end -}}
+{{- if and .Values.serving.enabled (not .Values.serving.modelUri) -}}
+{{- fail "serving.modelUri is required when serving.enabled is true: the s3:// URI of a registered version's GGUF file (tuneforge deploy NAME --target llamacpp prints it)" -}}
+{{- end -}}
 {{- if and .Values.schedule.enabled (not (hasKey .Values.runConfigs .Values.schedule.config)) -}}
 {{- fail (printf "schedule.config %q is not a key of runConfigs (keys: %s)" .Values.schedule.config (keys .Values.runConfigs | sortAlpha | join ", ")) -}}
 {{- end -}}
