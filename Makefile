@@ -39,7 +39,9 @@ $(VENV)/.installed: pyproject.toml
 	ls $(WHEELHOUSE)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(BIN)/python -m pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELHOUSE)
-	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python -e ".[dev,gguf]"
+	# lm-eval's table writer brings chardet, which requests then prefers to its own detector: a version requests supports.
+	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) --only-binary llama-cpp-python -e ".[dev,gguf,lm-eval]" \
+	  "chardet<6"
 	# The KServe SDK's API types, which `tuneforge deploy --target kserve` reads its manifests into: without the pins
 	# of its model server (they would downgrade pandas and psutil), only what importing it needs.
 	$(BIN)/python -m pip install -q --no-deps $(KSERVE_SDK)

@@ -33,7 +33,8 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
     documents = list(yaml.safe_load_all(compiled.read_text()))
     spec, platform = documents[0], documents[1]
     executors = _executors(spec)
-    for stage in ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register", "start", "finish-run"):
+    for stage in ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "serve-check", "register", "start",
+                  "finish-run"):
         assert f"exec-{stage}" in executors, stage
     assert executors["exec-sft"]["container"]["image"] == "ghcr.io/tuneforge/tuneforge-cuda:0.1.0"
     assert executors["exec-merge"]["container"]["image"] == "ghcr.io/tuneforge/tuneforge-cpu:0.1.0"
@@ -51,7 +52,8 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
     # evaluate found better (both were merged and scored).
     assert {"merge", "merge-sft"} <= set(stages)
     branches = {name: dag for name, dag in dags.items() if set(dag) & {"register", "register-2"}}
-    assert sorted(sorted(dag) for dag in branches.values()) == [["export-gguf", "register"], ["export-gguf-2", "register-2"]]
+    assert sorted(sorted(dag) for dag in branches.values()) == [["export-gguf", "register", "serve-check"],
+                                                                ["export-gguf-2", "register-2", "serve-check-2"]]
     conditions = sorted(task["triggerPolicy"]["condition"] for dag in dags.values() for name, task in dag.items()
                         if f"comp-{name}" in branches)
     winner = "inputs.parameter_values['pipelinechannel--evaluate-Output']"

@@ -8,7 +8,7 @@ import yaml
 from conftest import EXAMPLES, cli
 
 GIB = 2**30
-STAGES = ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "register")
+STAGES = ("data-prep", "sft", "dpo", "merge", "evaluate", "export-gguf", "serve-check", "register")
 
 
 def compiled_stages(path):
@@ -69,6 +69,8 @@ def test_the_8b_qlora_example_trains_on_a_gpu_and_merges_with_room_for_the_model
         # 8.03B parameters in fp32 are 29.9 GiB; 16 GiB (the bf16 size) would be OOM-killed.
         assert found[stage]["memory_gib"] >= 37.4 and found[stage]["gpus"] == 0, found[stage]
         assert "8.03B-parameter model in fp32" in found[stage]["why"]
+    # One GGUF file in llama.cpp: 8.03B weights at f16 at most are 15 GiB.
+    assert found["serve-check"]["memory_gib"] >= 20.7 and found["serve-check"]["image"] == "tuneforge-export"
     assert found["data-prep"] == found["register"] | {"why": found["data-prep"]["why"]}
     assert found["data-prep"]["gpus"] == 0 and found["data-prep"]["memory_gib"] == 8.0
 
@@ -129,7 +131,7 @@ def test_the_quickstart_still_compiles_to_cpu_only_stages(tmp_path):
     assert set(found) == set(STAGES)
     for stage, pod in found.items():
         assert pod["gpus"] == 0 and not pod["gpu_memory_mib"], stage
-        assert pod["image"] == ("tuneforge-export" if stage == "export-gguf" else "tuneforge-cpu"), stage
+        assert pod["image"] == ("tuneforge-export" if stage in ("export-gguf", "serve-check") else "tuneforge-cpu"), stage
         assert pod["cpu"] == 2.0 and pod["memory_gib"] == 8.0, (stage, pod)
     assert "CPUs will do" in found["sft"]["why"]
 

@@ -1,6 +1,7 @@
 """Each training stage alone and the whole chain on the tiny model."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -349,6 +350,17 @@ def test_evaluate_refuses_another_chat_template(prepared, tmp_path):
     result = cli("stage", "evaluate", "--config", config, "--input", f"data={tmp_path / 'data2'}", "--input", f"model={tmp_path / 'merged'}", "--output", tmp_path / "eval")
     assert result.exit_code == 2 and "chat template mismatch" in result.stderr
     assert_no_output(tmp_path / "eval")
+
+
+def test_two_configs_in_one_process_each_log_to_their_own_store(tmp_path):
+    """MLflow's set_tracking_uri exports the URI to the environment; the second workdir must not inherit the first's."""
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = make_config(folder, [write_jsonl(folder / "sft.jsonl", alpaca_rows(8))], data={"eval_fraction": 0})
+        assert cli("stage", "data-prep", "--config", config, "--output", folder / "data").exit_code == 0
+        assert (folder / "work" / "mlflow.db").exists(), name
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_mlflow_tracking_uri_from_the_environment_is_respected(prepared, tmp_path, monkeypatch):

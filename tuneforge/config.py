@@ -198,11 +198,22 @@ class MergeSettings(Strict):
     )
 
 
+class LmEvalSettings(Strict):
+    tasks: list[str] = Field(default_factory=list, description=(
+        "lm-evaluation-harness tasks scored on the base model, the champion and the candidate (metrics "
+        "lm_eval/TASK/METRIC, usable as registry.guards): names of its standard tasks, which fetch their datasets "
+        "(on a cluster: arc_easy, hellaswag, mmlu, ...), or paths of task YAML files whose data_files are beside them."))
+    limit: int | None = Field(None, gt=0, description="Examples per task; null: all of them.")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+
+
 class EvaluateSettings(Strict):
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit for the eval tasks.")
     max_examples: int = Field(200, gt=0, description="Cap on held-out rows scored per metric.")
     samples: int = Field(8, ge=0, description="Sample generations shown side by side in the report.")
     batch_size: int = Field(8, gt=0, description="Rows per forward pass or generation batch.")
+    lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings,
+                                    description="General ability kept through fine-tuning, by lm-evaluation-harness.")
 
 
 class Tolerance(Strict):
@@ -476,6 +487,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         source.path = _resolve_relative(source.path, base)
     if config.data.eval_tasks:
         config.data.eval_tasks = _resolve_relative(config.data.eval_tasks, base)
+    config.evaluate.lm_eval.tasks = [_resolve_relative(t, base) if t.endswith((".yaml", ".yml")) else t
+                                     for t in config.evaluate.lm_eval.tasks]
     if (base / config.base_model.source).exists():
         config.base_model.source = str((base / config.base_model.source).resolve())
     return config

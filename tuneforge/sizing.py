@@ -4,7 +4,8 @@ that refuses explicit resources below what the stage needs.
 Training stages get a GPU when the method needs CUDA (QLoRA's 4-bit weights, Unsloth) or the model is too large to
 train on CPUs in reasonable time; the GPU must hold `tuneforge plan`'s estimate with a margin. Their pod's memory
 holds the checkpoint while it loads (GPU) or the whole CPU plan. merge, evaluate and export-gguf load the model in fp32
-(their checks compare logits in full precision), so their memory holds it in fp32. Explicit values always win.
+(their checks compare logits in full precision), so their memory holds it in fp32; serve-check holds a GGUF file in
+llama.cpp. Explicit values always win.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ MIN_MEMORY_GIB = 8  # never below what every stage got before sizing existed
 CPU_TRAINING_MAX_PARAMETERS = 1_000_000_000
 # A GPU stage feeds the GPU (tokenizing, collating); a stage that runs a model over 1B parameters on CPUs uses them.
 CPU_STAGE_CPUS, GPU_STAGE_CPUS = "2", "8"
-HOLDS_THE_MODEL = ("merge", "evaluate", "export-gguf")
+HOLDS_THE_MODEL = ("merge", "evaluate", "export-gguf", "serve-check")
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,14 @@ def needed(config: Config, stage: str) -> Sized:
         return Sized(CPU_STAGE_CPUS, _quantity(host), 0, None, {
             "gpus": f"{billions} parameters, {method}: CPUs will do",
             "memory": f"memory: the CPU plan at data.max_length x {MARGIN} + {RUNTIME_GIB:g} GiB"})
-    host = shape.parameters * 4 / plan.GIB * MARGIN + RUNTIME_GIB
     large = shape.parameters > CPU_TRAINING_MAX_PARAMETERS
-    reasons = {"memory": f"the {billions}-parameter model in fp32, x {MARGIN} + {RUNTIME_GIB:g} GiB"}
+    if stage == "serve-check":  # llama.cpp holds one GGUF file at a time: at most 2 bytes a weight (f16)
+        host = shape.parameters * 2 / plan.GIB * MARGIN + RUNTIME_GIB
+        reasons = {"memory": f"the {billions}-parameter model as a GGUF file in llama.cpp (f16 at most), x {MARGIN} + "
+                             f"{RUNTIME_GIB:g} GiB"}
+    else:
+        host = shape.parameters * 4 / plan.GIB * MARGIN + RUNTIME_GIB
+        reasons = {"memory": f"the {billions}-parameter model in fp32, x {MARGIN} + {RUNTIME_GIB:g} GiB"}
     if large:
         reasons["cpu"] = "8 CPUs: it runs the model on CPUs"
     return Sized(GPU_STAGE_CPUS if large else CPU_STAGE_CPUS, _quantity(host), 0, None, reasons)
@@ -126,6 +132,7 @@ def resolve(config: Config, stage: str, size: bool = True) -> Sized:
 
 def pipeline_stages(config: Config) -> list[str]:
     skipped = {"dpo": not config.dpo.enabled, "export-gguf": not config.export.enabled,
+               "serve-check": not (config.export.enabled and config.serve_check.enabled and config.data.eval_tasks),
                "register": not config.registry.enabled}
     return [name for name in stages.NAMES if not skipped.get(name)]
 

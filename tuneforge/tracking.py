@@ -58,7 +58,14 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def setup(config: Config) -> str:
     """Point MLflow at the configured store and make sure the experiment exists; return its id."""
     uri = tracking_uri(config)
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # set_tracking_uri also exports the URI to the environment, where tracking_uri would then find it first: a later
+    # config in this process (another stage, another workdir) would log into this one's store.
+    if exported is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = exported
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id

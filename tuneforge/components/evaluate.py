@@ -6,8 +6,9 @@ register falls back to the champion's stored metrics), sft_merged (with DPO afte
 scored and DPO's is the candidate unless it made the SFT model worse, see `winner`), sft and dpo outputs, whose loss
 curves (and the DPO likelihood guard's report) go into the report.
 Metrics, for both models: loss and perplexity on the held-out SFT rows, preference accuracy on held-out
-pairs (sum log p(chosen) > sum log p(rejected)), and generation tasks scored by exact match, contains and
-ROUGE-L. The chat template must be the one data-prep recorded.
+pairs (sum log p(chosen) > sum log p(rejected)), generation tasks scored by exact match, contains and
+ROUGE-L, and evaluate.lm_eval's lm-evaluation-harness tasks (lm_eval/TASK/METRIC). The chat template must be the one
+data-prep recorded.
 Outputs: metrics.json, answers.jsonl (the candidate's answer to each eval task), report.md (sample generations side
 by side), before_after.png, loss_curves.png.
 """
@@ -25,7 +26,7 @@ import mlflow
 import torch
 
 from tuneforge import advice, chat_templates, checklist, models, plots, registry, scoring, storage, tracking
-from tuneforge.config import Config
+from tuneforge.config import Config, LmEvalSettings
 from tuneforge.data import prepared
 from tuneforge.errors import SetupError, TuneforgeError
 
@@ -95,6 +96,47 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
     return outputs
 
 
+def lm_eval_tasks(tasks: list[str]) -> list[str | dict[str, Any]]:
+    """Standard task names as they are; a task YAML file as its config, its data_files made absolute (lm-eval reads
+    them relative to the working directory, not to the file)."""
+    import yaml
+
+    found: list[str | dict[str, Any]] = []
+    for task in tasks:
+        if not task.endswith((".yaml", ".yml")):
+            found.append(task)
+            continue
+        path = Path(task)
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SetupError(f"evaluate.lm_eval.tasks: {path}: cannot read the task file: {exc}") from None
+        files = spec.get("dataset_kwargs", {}).get("data_files")
+        if isinstance(files, dict):
+            spec["dataset_kwargs"]["data_files"] = {k: str(path.parent / v) for k, v in files.items()}
+        found.append(spec)
+    return found
+
+
+def lm_eval_scores(model, tokenizer, settings: LmEvalSettings) -> dict[str, float]:
+    """lm-evaluation-harness on the loaded model, through its Hugging Face backend: lm_eval/TASK/METRIC."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise SetupError("evaluate.lm_eval needs lm-evaluation-harness: pip install 'tuneforge[lm-eval]'") from None
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size),
+                                      tasks=lm_eval_tasks(settings.tasks), limit=settings.limit, log_samples=False,
+                                      bootstrap_iters=0, verbosity="ERROR")
+    scores = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric = key.split(",")[0]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+                scores[f"lm_eval/{task}/{metric}"] = float(value)
+    return scores
+
+
 def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_ids: list[int]) -> tuple[dict, list[str]]:
     settings = config.evaluate
     model.eval()
@@ -108,6 +150,8 @@ def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_
         prompts = [t["prompt"] for t in data["tasks"]]
         outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.batch_size)
         metrics.update(scoring.task_metrics(outputs, data["tasks"]))
+    if settings.lm_eval.tasks:
+        metrics.update(lm_eval_scores(model, tokenizer, settings.lm_eval))
     return metrics, outputs
 
 

@@ -100,7 +100,7 @@ def _run_identity(task: dsl.PipelineTask) -> None:
 
 def serve_checked(config: Config) -> bool:
     """Whether the run serves its GGUF files: they are exported, and there are eval tasks to ask them."""
-    return config.export.enabled and config.serve_check.enabled and bool(config.data.eval_tasks)
+    return "serve-check" in sizing.pipeline_stages(config)
 
 
 def build(config: Config, local: bool = False):
