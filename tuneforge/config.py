@@ -228,9 +228,11 @@ GGUF_TOLERANCES = {
     "q8_0": Tolerance(max_kl=0.05, min_argmax=0.9, min_top5=0.85),
     "q6_k": Tolerance(max_kl=0.05, min_argmax=0.85, min_top5=0.8),
     # Small models lose more to 4-5 bit rounding, and a sharply fine-tuned one more than its base (SmolLM2-135M
-    # q4_k_m: 0.10 base, 0.17-0.21 after the quickstart); a broken conversion gives several nats.
-    "q5_k_m": Tolerance(max_kl=0.25, min_argmax=0.75, min_top5=0.7),
-    "q4_k_m": Tolerance(max_kl=0.35, min_argmax=0.75, min_top5=0.7),
+    # q4_k_m: 0.10 base, 0.11-0.21 after the quickstart); a broken conversion gives several nats. Top-1 agreement over
+    # the probes' hundred-odd positions flips on near-ties: 0.74-0.85 for the quickstart's q4_k_m on two machines,
+    # near 0 for a broken file.
+    "q5_k_m": Tolerance(max_kl=0.25, min_argmax=0.6, min_top5=0.6),
+    "q4_k_m": Tolerance(max_kl=0.35, min_argmax=0.6, min_top5=0.6),
 }
 
 
