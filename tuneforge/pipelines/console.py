@@ -76,7 +76,8 @@ class Console:
             self.status[found.group(1)] = "cached"
             self._print(f"✓ {found.group(1):<16} cached")
         elif found := SKIPPED.search(line):
-            self._print(f"- {found.group(1):<16} skipped (the candidate does not beat the base model)")
+            self._print(f"- {found.group(1):<16} skipped (not the candidate's branch: evaluate chose the other model, "
+                        "or none beat the base model)")
         elif found := ERROR.search(line):
             if self.current:
                 self.errors[self.current] = f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2)[:300]}"
