@@ -7,6 +7,8 @@ import yaml
 from conftest import EXAMPLES, cli
 
 from tuneforge.components.evaluate import lm_eval_tasks
+from tuneforge.config import load_config
+from tuneforge.data import fingerprint
 
 NAMES = ["Alma", "Idris", "Keiko", "Tomas", "Priya", "Noor", "Lena", "Omar", "Sven", "Ada", "Mira", "Jonas"]
 CITIES = ["Ghent", "Montreal", "Manila", "Lisbon", "Pune", "Oslo", "Graz", "Cairo", "Bergen", "Lyon", "Porto", "Riga"]
@@ -68,3 +70,21 @@ def test_a_task_file_reads_its_data_beside_it(tmp_path):
     spec = lm_eval_tasks([str(EXAMPLES / "lm_eval" / "general_facts.yaml"), "arc_easy"])
     assert spec[0]["dataset_kwargs"]["data_files"]["test"] == str(EXAMPLES / "lm_eval" / "general_facts.jsonl")
     assert spec[1] == "arc_easy"
+
+
+def test_an_edited_task_file_changes_the_run_fingerprint(tmp_path):
+    """A scheduled run re-evaluates when the lm-eval task or its data changes under the same name."""
+    for name in ("general_facts.yaml", "general_facts.jsonl"):
+        (tmp_path / name).write_bytes((EXAMPLES / "lm_eval" / name).read_bytes())
+    raw = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
+    raw["evaluate"]["lm_eval"] = {"tasks": ["general_facts.yaml"]}
+    for source in raw["data"]["sources"]:
+        source["path"] = str(EXAMPLES / source["path"])
+    raw["data"]["eval_tasks"] = str(EXAMPLES / raw["data"]["eval_tasks"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "c.yaml")
+    before = fingerprint.fingerprint(config)
+    assert {o["source"] for o in before["objects"]} >= {str(tmp_path / "general_facts.yaml"), str(tmp_path / "general_facts.jsonl")}
+    with open(tmp_path / "general_facts.jsonl", "a") as data:
+        data.write(json.dumps({"question": "What is 1 + 1?", "choices": ["2", "3"], "answer": 0}) + "\n")
+    assert fingerprint.fingerprint(config)["sha256"] != before["sha256"]

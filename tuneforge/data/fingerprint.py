@@ -1,6 +1,6 @@
-"""What the data is when a run starts: a fingerprint of every data source and the eval tasks, taken by the pipeline's
-first task (never cached) and handed to data-prep as an input, so a compiled pipeline fired on a schedule retrains
-when the files under the same names change and takes everything from the cache when they do not.
+"""What the data is when a run starts: a fingerprint of every data source, the eval tasks and the lm-eval task files,
+taken by the pipeline's first task (never cached) and handed to data-prep as an input, so a compiled pipeline fired on
+a schedule retrains when the files under the same names change and takes everything from the cache when they do not.
 
 Local files: sha256 of their bytes. S3: the ETag, size and version id of the object, or of every object under a
 prefix. The fingerprint lists the objects it covered; they go into data-prep's lineage and the pipeline's MLflow run.
@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tuneforge import storage
 from tuneforge.config import Config
@@ -43,9 +45,34 @@ def _s3(uri: str, endpoint_url: str | None) -> list[dict[str, Any]]:
     return objects
 
 
+def lm_eval_files(config: Config) -> list[str]:
+    """The lm-eval task files evaluate reads (evaluate.lm_eval.tasks that are YAML files) and the data_files they name,
+    which lm-eval reads beside them."""
+    files = []
+    for task in config.evaluate.lm_eval.tasks:
+        if not task.endswith((".yaml", ".yml")):
+            continue
+        files.append(task)
+        try:
+            spec = yaml.safe_load(Path(task).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # fingerprinting the file itself names what is wrong with it
+        data_files = (spec.get("dataset_kwargs") or {}).get("data_files")
+        if isinstance(data_files, dict):
+            files += [str(Path(task).parent / name) for name in data_files.values()]
+    return files
+
+
+def data_paths(config: Config) -> list[str]:
+    """Every file or S3 URI a run's results depend on besides the base model: the data sources, the eval tasks and the
+    lm-eval task files."""
+    return ([s.path for s in config.data.sources] + ([config.data.eval_tasks] if config.data.eval_tasks else [])
+            + lm_eval_files(config))
+
+
 def fingerprint(config: Config) -> dict[str, Any]:
     """{"sha256": one digest over every object, "objects": what it covered}."""
-    paths = [s.path for s in config.data.sources] + ([config.data.eval_tasks] if config.data.eval_tasks else [])
+    paths = data_paths(config)
     objects: list[dict[str, Any]] = []
     for path in paths:
         if storage.is_s3(path):

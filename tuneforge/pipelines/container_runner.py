@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tuneforge import env, storage
 from tuneforge.config import Config
+from tuneforge.data import fingerprint
 from tuneforge.errors import ConfigError
 
 USER = "10001"  # the images' user, as the chart's pods run them
@@ -37,9 +38,9 @@ def engine_host() -> str:
 
 
 def host_inputs(config: Config) -> list[str]:
-    """Files and folders on this machine that the stages read: local data sources, eval tasks, a local base model."""
-    paths = [s.path for s in config.data.sources] + ([config.data.eval_tasks] if config.data.eval_tasks else [])
-    paths.append(config.base_model.source)
+    """Files and folders on this machine that the stages read: local data sources, eval tasks, lm-eval task files, a
+    local base model."""
+    paths = [*fingerprint.data_paths(config), config.base_model.source]
     return sorted({str(Path(p).resolve()) for p in paths if not storage.is_s3(p) and "://" not in p and Path(p).exists()})
 
 
