@@ -1,8 +1,10 @@
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -19,6 +21,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def _isolated_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TUNEFORGE_PARENT_RUN_ID", raising=False)
+    yield
+    # mlflow.set_tracking_uri (a test's, or a stage's run in this process) also exports MLFLOW_TRACKING_URI, which
+    # monkeypatch does not undo when it was unset before: the next module's fixtures would log into this test's folder,
+    # removed once the test passed.
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def write_jsonl(path: Path, rows) -> Path:

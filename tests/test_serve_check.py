@@ -4,7 +4,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
+import mlflow
 import pytest
 import yaml
 from conftest import EXAMPLES, assert_no_output, cli
@@ -85,6 +87,22 @@ def test_a_server_that_cannot_start_says_why_and_is_not_left_running(chain, tmp_
     result = serve(config, tmp, damaged, tmp_path / "out")
     assert result.exit_code == 2 and "llama.cpp's server did not start on tiny-extract-q8_0.gguf" in result.stderr
     assert_no_output(tmp_path / "out")
+
+
+def test_a_failed_serve_check_leaves_the_model_unregistered(tmp_path):
+    """The tiny pipeline with a limit its served answers cannot meet: serve-check fails, register never runs, the
+    registry holds nothing, and the run says which stage failed and why."""
+    result = subprocess.run([sys.executable, "-m", "tuneforge.cli", "run", EXAMPLES / "tiny.yaml", "--set",
+                             f"workdir={tmp_path / 'work'}", "--pipeline-root", tmp_path / "kfp", "--set", "dpo.enabled=false",
+                             "--set", "sft.max_steps=10", "--set", "evaluate.max_examples=6",
+                             "--set", "serve_check.min_agreement={exact_match: 1.0}",
+                             "--set", "cluster.resources={default: {retries: 0}}"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["stages"]["serve-check"]["status"] == "failed" and "register" not in summary["stages"]
+    assert "serve_check.min_agreement.exact_match" in result.stderr
+    client = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"])
+    assert client.search_registered_models() == []
 
 
 def test_register_waits_for_serve_check_in_the_pipeline(tmp_path):
