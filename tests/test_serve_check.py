@@ -90,11 +90,11 @@ def test_a_server_that_cannot_start_says_why_and_is_not_left_running(chain, tmp_
 
 
 def test_a_failed_serve_check_leaves_the_model_unregistered(tmp_path):
-    """The tiny pipeline with a limit its served answers cannot meet: serve-check fails, register never runs, the
-    registry holds nothing, and the run says which stage failed and why."""
+    """The tiny pipeline with a limit its served answers cannot meet (the chain above, the same settings, agrees at
+    0.785): serve-check fails, register never runs, the registry holds nothing, and the run says which stage failed
+    and why."""
     result = subprocess.run([sys.executable, "-m", "tuneforge.cli", "run", EXAMPLES / "tiny.yaml", "--set",
                              f"workdir={tmp_path / 'work'}", "--pipeline-root", tmp_path / "kfp", "--set", "dpo.enabled=false",
-                             "--set", "sft.max_steps=10", "--set", "evaluate.max_examples=6",
                              "--set", "serve_check.min_agreement={exact_match: 1.0}",
                              "--set", "cluster.resources={default: {retries: 0}}"], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr[-3000:]
