@@ -27,7 +27,7 @@ import torch
 
 from tuneforge import advice, chat_templates, checklist, models, plots, registry, scoring, storage, tracking
 from tuneforge.config import Config, LmEvalSettings
-from tuneforge.data import prepared
+from tuneforge.data import prepared, readers
 from tuneforge.errors import SetupError, TuneforgeError
 
 log = logging.getLogger(__name__)
@@ -97,25 +97,8 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
 
 
 def lm_eval_tasks(tasks: list[str]) -> list[str | dict[str, Any]]:
-    """Standard task names as they are; a task YAML file as its config, its data_files made absolute (lm-eval reads
-    them relative to the working directory, not to the file)."""
-    import yaml
-
-    found: list[str | dict[str, Any]] = []
-    for task in tasks:
-        if not task.endswith((".yaml", ".yml")):
-            found.append(task)
-            continue
-        path = Path(task)
-        try:
-            spec = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SetupError(f"evaluate.lm_eval.tasks: {path}: cannot read the task file: {exc}") from None
-        files = spec.get("dataset_kwargs", {}).get("data_files")
-        if isinstance(files, dict):
-            spec["dataset_kwargs"]["data_files"] = {k: str(path.parent / v) for k, v in files.items()}
-        found.append(spec)
-    return found
+    """Standard task names as they are; a task YAML file as its config, its data_files beside it."""
+    return [readers.lm_eval_task(t) if t.endswith((".yaml", ".yml")) else t for t in tasks]
 
 
 def lm_eval_scores(model, tokenizer, settings: LmEvalSettings) -> dict[str, float]:

@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tuneforge import storage
 from tuneforge.config import Config
+from tuneforge.data import readers
 from tuneforge.errors import DataError
 
 
@@ -54,12 +53,11 @@ def lm_eval_files(config: Config) -> list[str]:
             continue
         files.append(task)
         try:
-            spec = yaml.safe_load(Path(task).read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            data_files = readers.lm_eval_task(task).get("dataset_kwargs", {}).get("data_files")
+        except DataError:
             continue  # fingerprinting the file itself names what is wrong with it
-        data_files = (spec.get("dataset_kwargs") or {}).get("data_files")
         if isinstance(data_files, dict):
-            files += [str(Path(task).parent / name) for name in data_files.values()]
+            files += list(data_files.values())
     return files
 
 

@@ -114,3 +114,18 @@ def _read_parquet(file: Path) -> list[tuple[str, Any]]:
     except Exception as exc:  # pyarrow raises several types for broken files
         raise DataError(f"{file}: not a readable Parquet file: {exc}") from None
     return [(f"{file}: row {i + 1}", record) for i, record in enumerate(table.to_pylist())]
+
+
+def lm_eval_task(path: str) -> dict[str, Any]:
+    """A local lm-eval task file as its config, its data_files made absolute: lm-eval reads them relative to the
+    working directory, and tuneforge keeps them beside the file."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"evaluate.lm_eval.tasks: {path}: cannot read the task file: {exc}") from None
+    files = (spec.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        spec["dataset_kwargs"]["data_files"] = {k: str(Path(path).parent / v) for k, v in files.items()}
+    return spec
