@@ -1,15 +1,27 @@
 """SFT throughput: tuneforge's sft stage against the plain recipe a user would write from the TRL and PEFT docs,
-same model, same rows, same number of rows per optimizer step, in one run. Reports non-padding tokens per
-second, peak memory, useful FLOP/s as a share of this machine's matmul peak (measured in the same run), and
-the held-out loss of both results.
+and against the same recipe as a skilled TRL user sets it, same model, same rows, same number of rows per
+optimizer step, in one run. Reports non-padding tokens per second, the share of padding in the trained
+batches, peak memory, useful FLOP/s as a share of this machine's matmul peak (measured in the same run), and
+the held-out loss of every result.
 
-    python benchmarks/sft_throughput.py [--rows 160] [--model smollm2-135m-instruct]
+    python benchmarks/sft_throughput.py [--rows 160] [--data uniform|varied] [--sides plain,expert,...]
+                                        [--model smollm2-135m-instruct]
+
+Data: uniform is the quickstart's extraction rows (examples/data/extract_train.jsonl, 72-83 tokens each, so
+batches are hardly padded); varied is varied_data.py's rows, whose lengths are long-tailed like alpaca's (130
+tokens on average, median 116, up to 300), training and held-out rows from disjoint parts of one stream.
 
 The plain recipe (TRL "SFTTrainer" + PEFT "LoraConfig" quickstarts, as the TRL docs set it for a CPU or small
 GPU): the model loaded in fp32, LoRA r=16 alpha=32 dropout=0.05 on all linear layers, prompt/completion rows
 (loss on the completion), padded batches of 2 with 4 accumulation steps, gradient checkpointing on, bf16
-autocast, no packing. tuneforge runs `tuneforge stage sft` with the same LoRA settings, learning rate, rows
-per optimizer step (8) and number of steps.
+autocast, no packing. The expert recipe is the same trainer set for speed: gradient checkpointing off, LoRA
+dropout 0, batches of 8 with no accumulation, batches grouped by length (train_sampling_strategy
+"group_by_length"). tuneforge runs `tuneforge stage sft` with the same LoRA settings, learning rate, rows per
+optimizer step (8) and number of steps; tuneforge-dropout with the plain recipe's LoRA dropout.
+
+Padding: the padded positions (attention mask 0) among all positions of the batches trained; the recipes count
+them by wrapping the trainer's data collator, tuneforge records its own (`padding_share` in the stage's
+manifest.json metrics; "-" where it does not).
 
 Useful FLOPs per non-padding token = 2N forward + 2N activation gradients (+ 2N weight gradients for weights
 that train), N = the parameters of the model's matmuls (every Linear, the LM head included, the embedding
@@ -28,17 +40,30 @@ import tempfile
 import time
 from pathlib import Path
 
+from varied_data import alpaca_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "extract_train.jsonl"
+DATA_KINDS = ("uniform", "varied")
 ROWS_PER_STEP = 8
 EVAL_ROWS = 40
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
+# The TRL recipe as its docs show it, and as a skilled TRL user sets it for speed; both train 8 rows per
+# optimizer step, like tuneforge.
+RECIPES = {
+    "plain": {"batch_size": 2, "grad_accum": 4, "gradient_checkpointing": True, "lora_dropout": LORA["dropout"],
+              "sampling": "random"},
+    "expert": {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": False, "lora_dropout": 0.0,
+               "sampling": "group_by_length"},
+}
 # tuneforge with its defaults, and with the plain recipe's LoRA dropout (tuneforge's default is 0).
-SIDES = ("plain", "tuneforge", "tuneforge-dropout")
+SIDES = ("plain", "expert", "tuneforge", "tuneforge-dropout")
 
 
-def rows(count: int, held_out: bool = False) -> list[dict]:
+def rows(count: int, held_out: bool = False, data: str = "uniform") -> list[dict]:
+    if data == "varied":
+        return alpaca_rows(EVAL_ROWS if held_out else count, held_out=held_out)
     lines = DATA.read_text().splitlines()
     chosen = lines[-EVAL_ROWS:] if held_out else lines[:count]
     return [json.loads(line) for line in chosen]
@@ -57,37 +82,61 @@ def model_path(name: str) -> str:
     return resolve(BaseModelSettings(source=name))
 
 
-def plain_recipe(model: str, count: int, output: Path) -> None:
-    """What the TRL and PEFT docs show, nothing more."""
+class PaddingCount:
+    """Wraps a trainer's data collator and counts the padded positions (attention mask 0) of the batches it builds:
+    the recipes train one pass over the rows, so these are the batches trained."""
+
+    def __init__(self, collate):
+        self.collate, self.padded, self.total = collate, 0, 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        self.padded += int((batch["attention_mask"] == 0).sum())
+        self.total += batch["attention_mask"].numel()
+        return batch
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"padded": self.padded, "total": self.total}))
+
+
+def recipe(side: str, data: str, model: str, count: int, output: Path) -> None:
+    """The TRL and PEFT docs' recipe with RECIPES[side]'s settings, nothing more."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    settings = RECIPES[side]
     torch.set_num_threads(os.cpu_count())
-    dataset = Dataset.from_list([as_prompt_completion(r) for r in rows(count)])
+    dataset = Dataset.from_list([as_prompt_completion(r) for r in rows(count, data=data)])
     args = SFTConfig(
-        output_dir=str(output / "checkpoints"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
-        gradient_checkpointing=True, bf16=True, use_cpu=True, packing=False, learning_rate=LEARNING_RATE,
+        output_dir=str(output / "checkpoints"), per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"], gradient_checkpointing=settings["gradient_checkpointing"],
+        # group_by_length: Trainer sorts random runs of min(50, rows / 32) batches by the rows' input_ids lengths
+        train_sampling_strategy=settings["sampling"],
+        bf16=True, use_cpu=True, packing=False, learning_rate=LEARNING_RATE,
         max_steps=count // ROWS_PER_STEP, logging_steps=1, save_strategy="no", report_to="none", seed=42,
     )
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=settings["lora_dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model), args=args, train_dataset=dataset,
                          peft_config=peft_config)
+    trainer.data_collator = padding = PaddingCount(trainer.data_collator)
     trainer.train()
     trainer.model.save_pretrained(output / "adapter")
     (output / "train_history.json").write_text(json.dumps(trainer.state.log_history))
+    padding.save(output / "padding.json")
 
 
-def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | None) -> list[str]:
+def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | None, data: str) -> list[str]:
     """The data-prep output (not timed) and the sft command (timed); lora_dropout None keeps tuneforge's default."""
     import yaml
 
-    (output / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(count)))
+    (output / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(count, data=data)))
     config = {
         "name": "bench", "workdir": str(output / "work"), "base_model": {"source": model},
+        # data-prep drops rows over max_length: 512 keeps every row (varied rows have at most 300 tokens)
         "data": {"sources": [{"path": str(output / "train.jsonl")}], "eval_fraction": 0.0, "max_length": 512},
         "sft": {"method": "lora", "learning_rate": LEARNING_RATE, "max_steps": count // ROWS_PER_STEP,
                 "batch_size": ROWS_PER_STEP, "grad_accum": 1, "precision": "bf16", "logging_steps": 1,
@@ -125,8 +174,17 @@ def train_seconds(history_file: Path) -> float:
     return float(next(e["train_runtime"] for e in json.loads(history_file.read_text()) if "train_runtime" in e))
 
 
-def held_out_loss(model: str, adapter: Path) -> float:
-    """Mean cross-entropy of the completion tokens of the held-out rows, in fp32, the same way for both."""
+def padding_share(output: Path) -> float | None:
+    """The share of padded positions in the trained batches: the recipes' count, or the stage's manifest metric."""
+    if (output / "padding.json").exists():
+        count = json.loads((output / "padding.json").read_text())
+        return count["padded"] / count["total"]
+    manifest = json.loads((output / "manifest.json").read_text()) if (output / "manifest.json").exists() else {}
+    return manifest.get("metrics", {}).get("padding_share")
+
+
+def held_out_loss(model: str, adapter: Path, data: str) -> float:
+    """Mean cross-entropy of the completion tokens of the held-out rows, in fp32, the same way for every side."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,7 +193,7 @@ def held_out_loss(model: str, adapter: Path) -> float:
     network = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter).eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in map(as_prompt_completion, rows(0, held_out=True)):
+        for row in map(as_prompt_completion, rows(0, held_out=True, data=data)):
             prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
             full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"]
             labels = torch.tensor([[-100] * len(prompt) + full[len(prompt):]])
@@ -178,31 +236,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rows", type=int, default=160, help="rows trained on (a multiple of 8)")
+    parser.add_argument("--data", choices=DATA_KINDS, default="uniform",
+                        help="uniform: the quickstart's rows; varied: varied_data.py's long-tailed lengths")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"the sides to run, comma-separated ({', '.join(SIDES)})")
     parser.add_argument("--only", choices=SIDES, help="run one side (for profiling)")
-    parser.add_argument("--plain-recipe-worker", nargs=3, metavar=("MODEL", "ROWS", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--recipe-worker", nargs=5, metavar=("SIDE", "DATA", "MODEL", "ROWS", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.plain_recipe_worker:
-        model, count, output = args.plain_recipe_worker
-        return plain_recipe(model, int(count), Path(output))
+    if args.recipe_worker:
+        side, data, model, count, output = args.recipe_worker
+        return recipe(side, data, model, int(count), Path(output))
+    sides = [args.only] if args.only else args.sides.split(",")
+    if set(sides) - set(SIDES):
+        parser.error(f"--sides: unknown {', '.join(sorted(set(sides) - set(SIDES)))}")
 
     model = model_path(args.model)
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     results = {}
-    for side in SIDES:
-        if args.only and side != args.only:
-            continue
+    for side in (s for s in SIDES if s in sides):
         output = work / side
         output.mkdir()
-        if side == "plain":
-            command = [sys.executable, __file__, "--plain-recipe-worker", model, str(args.rows), str(output)]
-            history, adapter = output / "train_history.json", output / "adapter"
+        if side in RECIPES:
+            command = [sys.executable, __file__, "--recipe-worker", side, args.data, model, str(args.rows), str(output)]
+            history, adapter, trained = output / "train_history.json", output / "adapter", output
         else:
-            command = tuneforge_stage(model, args.rows, output, LORA["dropout"] if side == "tuneforge-dropout" else None)
-            history, adapter = output / "sft" / "train_history.json", output / "sft"
+            command = tuneforge_stage(model, args.rows, output, LORA["dropout"] if side == "tuneforge-dropout" else None,
+                                      args.data)
+            history, adapter, trained = output / "sft" / "train_history.json", output / "sft", output / "sft"
         peak = timed(command)
         tokens, seconds = throughput(history)
         results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak,
-                         "held_out_loss": held_out_loss(model, adapter)}
+                         "padding_share": padding_share(trained), "held_out_loss": held_out_loss(model, adapter, args.data)}
         print(side, json.dumps(results[side]), flush=True)
 
     n, n_lora = matmul_parameters(model)
@@ -215,15 +278,21 @@ def main() -> None:
 
 
 def print_table(results: dict[str, dict], flops_per_token: float, peak: float, loss_key: str, loss_title: str) -> None:
-    """One markdown row per run, with the ratio to the plain recipe and the share of the bf16 matmul peak."""
-    print(f"| run | tokens | s | tokens/s | ratio | peak MiB | useful GFLOP/s | % of bf16 peak | {loss_title} |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = results.get("plain", {}).get("tokens_per_s")
+    """One markdown row per run: the speed against the plain and the expert recipe, the padding share of the
+    trained batches and the share of the bf16 matmul peak."""
+    print(f"| run | tokens | s | tokens/s | vs plain | vs expert | padding | peak MiB | useful GFLOP/s | % of bf16 peak "
+          f"| {loss_title} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(r: dict, base: str) -> str:
+        return f"{r['tokens_per_s'] / results[base]['tokens_per_s']:.2f}x" if base in results else "-"
+
     for side, r in results.items():
         useful = r["tokens_per_s"] * flops_per_token
-        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {side} | {r['tokens']:.0f} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mib']:.0f} "
-              f"| {useful / 1e9:.0f} | {100 * useful / peak:.1f}% | {r[loss_key]:.4f} |")
+        padding = f"{100 * r['padding_share']:.1f}%" if r.get("padding_share") is not None else "-"
+        print(f"| {side} | {r['tokens']:.0f} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {ratio(r, 'plain')} "
+              f"| {ratio(r, 'expert')} | {padding} | {r['peak_mib']:.0f} | {useful / 1e9:.0f} | {100 * useful / peak:.1f}% "
+              f"| {r[loss_key]:.4f} |")
 
 if __name__ == "__main__":
     main()

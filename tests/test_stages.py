@@ -226,6 +226,49 @@ def test_sft_and_dpo_train_without_an_eval_split(tmp_path):
         assert "train_loss" in metrics and not any(k.startswith("eval") for k in metrics), metrics
 
 
+def test_batching_on_rows_of_varied_length(tmp_path):
+    """160 rows of 1 to 60 words: on the CPU auto batches rows of similar length (far less padding than padded batches);
+    padding-free batches have none and train exactly like padded ones (same rows per step: same losses); DPO computes
+    each prompt once, with the same losses as TRL's two rows."""
+    words = [1 + (i * 37) % 60 for i in range(160)]  # enough rows for the sampler to sort groups of 40
+    sft_rows = [{"instruction": f"Repeat the words of line {i}.", "input": " ".join(["word"] * n),
+                 "output": " ".join(["word"] * n)} for i, n in enumerate(words)]
+    pairs = [{"prompt": f"Repeat the words of line {i}. " + " ".join(["word"] * n), "chosen": " ".join(["word"] * n),
+              "rejected": " ".join(["word"] * (n + 5))} for i, n in enumerate(words[:80])]
+    sources = [write_jsonl(tmp_path / "sft.jsonl", sft_rows), write_jsonl(tmp_path / "pref.jsonl", pairs)]
+    config = make_config(tmp_path, sources, sft={"method": "lora", "batch_size": 8, "max_steps": 4, "logging_steps": 1},
+                         dpo={"batch_size": 4, "max_steps": 3, "logging_steps": 1, "max_chosen_logp_drop": None},
+                         data={"eval_fraction": 0, "max_length": 256})
+    data = tmp_path / "data"
+    assert cli("stage", "data-prep", "--config", config, "--output", data).exit_code == 0
+
+    def stage(name: str, *overrides: str, inputs=()) -> dict:
+        output = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+        result = cli("stage", name, "--config", config, "--input", f"data={data}", *inputs, "--output", output,
+                     *[f"--set={o}" for o in overrides])
+        assert result.exit_code == 0, result.stderr or result.exception
+        manifest = json.loads((output / "manifest.json").read_text())
+        history = json.loads((output / "train_history.json").read_text())
+        return {"lineage": manifest["lineage"], "metrics": manifest["metrics"], "output": output,
+                "losses": [e["loss"] for e in history if "loss" in e]}
+
+    auto, padded, free = stage("sft"), stage("sft", "sft.batching=padded"), stage("sft", "sft.batching=padding_free")
+    assert auto["lineage"]["batching"] == "grouped" and "eager attention" in auto["lineage"]["batching_reason"]
+    assert padded["lineage"]["batching"] == "padded" and free["lineage"]["batching"] == "padding_free"
+    assert padded["metrics"]["padding_share"] > 0.3 and auto["metrics"]["padding_share"] < padded["metrics"]["padding_share"] / 2
+    assert free["metrics"]["padding_share"] == 0
+    assert len(free["losses"]) == 4 and free["losses"] == pytest.approx(padded["losses"], abs=1e-4)
+
+    sft = ["--input", f"model={padded['output']}"]
+    shared, two_rows = stage("dpo", "dpo.batching=padded", inputs=sft), stage(
+        "dpo", "dpo.batching=padded", "dpo.shared_prompt=false", inputs=sft)
+    assert shared["lineage"]["shared_prompt"].startswith("on:") and two_rows["lineage"]["shared_prompt"] == "dpo.shared_prompt: false"
+    assert len(shared["losses"]) == 3 and shared["losses"] == pytest.approx(two_rows["losses"], abs=1e-4)
+    grouped = stage("dpo", inputs=sft)
+    assert grouped["lineage"]["batching"] == "grouped" and grouped["lineage"]["reference_logps"] == "in every step"
+    assert grouped["metrics"]["padding_share"] < shared["metrics"]["padding_share"]
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_unsloth_backend_says_why_it_cannot_run(prepared, tmp_path, stage):
     config, data = prepared

@@ -133,3 +133,118 @@ def test_the_packing_probe_catches_attention_that_leaks():
 
     model.forward = leaky
     assert training.packing_leak(model) > 0.1
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_padding_free_batch_trains_like_the_padded_batch(arch, attention):
+    """The same rows collated padded and padding-free (TRL's collator, as sft.batching padding_free uses it): equal loss
+    and gradients within 1e-5."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source=arch)), attn_implementation=attention,
+                                                 dtype=torch.float32)
+    model.train()
+    generator = torch.Generator().manual_seed(2)
+    examples = [{"input_ids": torch.randint(3, 400, (n,), generator=generator).tolist()} for n in (31, 6, 17, 11)]
+    for example in examples:
+        example["labels"] = [-100] * 4 + example["input_ids"][4:]
+
+    def loss_and_grads(padding_free: bool):
+        model.zero_grad()
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)(examples)
+        assert (batch["input_ids"].shape[0] == 1) == padding_free
+        loss = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")},
+                     use_cache=False).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    padded_loss, padded_grads = loss_and_grads(False)
+    free_loss, free_grads = loss_and_grads(True)
+    assert free_loss == pytest.approx(padded_loss, abs=1e-5)
+    for a, b in zip(padded_grads, free_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("setting", "attention", "expected"), [
+    ("auto", "eager", "grouped"), ("auto", "sdpa", "grouped"), ("padded", "sdpa", "padded"), ("grouped", "eager", "grouped"),
+    ("padding_free", "eager", "padding_free"), ("auto", "flash_attention_2", "padding_free"),
+])
+def test_batching_choice(setting, attention, expected):
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), attn_implementation="eager")
+    choice, reason = training.choose_batching(SftSettings(batching=setting), model, attention)
+    assert choice == expected and reason
+    assert training.choose_batching(SftSettings(batching=setting), model, attention, packing=True)[0] == "packed"
+
+
+def test_padding_free_is_refused_where_the_rows_would_see_each_other():
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), attn_implementation="eager")
+    original = model.forward
+    model.forward = lambda *args, **kwargs: original(*args, **{**kwargs, "use_cache": True})  # leaks, as in the probe test
+    with pytest.raises(SetupError, match="batching: grouped"):
+        training.choose_batching(SftSettings(batching="padding_free"), model, "eager")
+    assert training.choose_batching(SftSettings(batching="auto"), model, "flash_attention_2")[0] == "grouped"
+
+
+def dpo_trainer(arch: str, attention: str, rows: list[dict]):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    path = resolve(BaseModelSettings(source=arch))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    args = DPOConfig(output_dir="unused", per_device_train_batch_size=len(rows), use_cpu=True, report_to="none",
+                     max_length=256)
+    # init_lora_weights False: the policy differs from the reference, so the loss has a gradient everywhere
+    lora = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=AutoTokenizer.from_pretrained(path), peft_config=lora)
+
+
+PAIRS = [{"prompt": [{"role": "user", "content": "word " * n}], "chosen": [{"role": "assistant", "content": "yes " * m}],
+          "rejected": [{"role": "assistant", "content": "no " * k}]}
+         for n, m, k in [(3, 5, 2), (19, 1, 4), (1, 7, 7), (5, 2, 12), (70, 9, 3)]]  # the last longer than tiny-gemma3's window
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention):
+    """dpo.shared_prompt (one row per pair) against TRL's DPOTrainer as it comes (two rows per pair) on the same batch:
+    the loss and every LoRA gradient within 1e-5, the logged metrics within 1e-4, and fewer positions computed."""
+    from tuneforge.components.dpo import share_prompts
+    from tuneforge.config import DpoSettings
+
+    results = []
+    for shared in (False, True):
+        trainer = dpo_trainer(arch, attention, PAIRS)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+        if shared:
+            sharing, reason = share_prompts(trainer, DpoSettings(), 256, can_probe=True)
+            assert sharing is not None and reason.startswith("on:"), reason
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads, {k: v[0] for k, v in trainer._metrics["train"].items()}))
+        if shared:
+            assert sharing.total < batch["input_ids"].numel() * 0.75  # one row per pair instead of two
+    (two_loss, two_grads, two_metrics), (one_loss, one_grads, one_metrics) = results
+    assert one_loss == pytest.approx(two_loss, abs=1e-5)
+    assert len(two_grads) > 0 and two_grads.keys() == one_grads.keys()
+    for name in two_grads:
+        torch.testing.assert_close(one_grads[name], two_grads[name], atol=1e-5, rtol=1e-4)
+    assert one_metrics == pytest.approx(two_metrics, abs=1e-4)
+
+
+def test_shared_prompt_keeps_trls_rows_for_a_batch_whose_prompts_differ():
+    from tuneforge.components.dpo import SharedPrompt
+
+    trainer = dpo_trainer("tiny-llama", "eager", PAIRS[:2])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    shared = SharedPrompt(trainer.model.get_base_model())
+    assert shared.layout(batch["input_ids"], batch["attention_mask"], labels) is not None
+    batch["input_ids"][2, 0] += 1  # the first pair's rejected row starts with another prompt
+    assert shared.layout(batch["input_ids"], batch["attention_mask"], labels) is None

@@ -145,6 +145,14 @@ class TrainSettings(Strict):
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto: eager on the CPU for rows up to 256 tokens, else the model's default."
     )
+    batching: Literal["auto", "padded", "grouped", "padding_free"] = Field(
+        "auto", description="How rows make a batch. padded: in random order, each padded to the batch's longest; "
+        "grouped: rows of similar length together (transformers' length-grouped sampler), little padding left; "
+        "padding_free (sft): the batch's rows in one sequence with per-row position ids, no padding at all, for an "
+        "attention that keeps them apart (checked first); auto: padding_free with flash attention, grouped otherwise "
+        "(on eager or SDPA attention a padding-free row attends over the whole batch's length). The choice and the "
+        "padding share are recorded in the manifest."
+    )
     logging_steps: int = Field(5, gt=0, description="Log the training loss every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: once per epoch.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps.")
@@ -185,9 +193,22 @@ class DpoSettings(TrainSettings):
         "on the held-out pairs falls more than this many nats (summed over an answer) below the reference's, and keep "
         "the last checkpoint within it. DPO can widen the reward margin while pushing the chosen answers down too "
         "(likelihood displacement) and ruin a good SFT model. null: no guard.")
+    shared_prompt: bool = Field(
+        True, description="Run each pair's prompt once: one forward over prompt, chosen and rejected, with an attention "
+        "mask that keeps the two answers apart, instead of two rows that repeat the prompt. Checked against the two-row "
+        "forward on the model first; where they differ (or for MoE models and sliding-window attention over longer "
+        "rows) the stage uses TRL's two rows and records why.")
     rpo_alpha: float | None = Field(
         None, gt=0, description="Add an NLL loss on the chosen answers with this weight (RPO, TRL's 'sft' loss term): "
         "it holds the chosen answers' likelihood up; the remedy when the guard trips. null: plain DPO.")
+
+    @field_validator("batching")
+    @classmethod
+    def _padding_free_is_sft_only(cls, value: str) -> str:
+        if value == "padding_free":
+            raise ValueError("padding_free is for sft: TRL's DPOTrainer has no padding-free batches; use grouped or "
+                             "auto (dpo.shared_prompt already computes each prompt once)")
+        return value
 
 
 class MergeSettings(Strict):

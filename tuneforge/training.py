@@ -180,6 +180,55 @@ def packing_leak(model) -> float:
     return max((packed[:9] - alone[0]).abs().max().item(), (packed[9:] - alone[1]).abs().max().item())
 
 
+def choose_batching(settings: TrainSettings, model, attention: str, packing: bool = False,
+                    can_probe: bool = True) -> tuple[str, str]:
+    """How rows make a batch (`settings.batching`) and why. Padding-free rows need an attention that keeps a batch's
+    rows apart by their position ids: probed like packing (not for a 4-bit model on the CPU, see _check_packing in
+    sft), refused when asked for and it leaks."""
+    choice = settings.batching
+    if packing:
+        return "packed", "sft.packing: rows packed into full sequences"
+    if choice in ("padded", "grouped"):
+        return choice, "set in the config"
+    if choice == "auto" and not attention.startswith("flash_attention"):
+        return "grouped", (f"{attention} attention would attend over a padding-free batch's whole length (a mask of "
+                           "its rows' total squared); rows of similar length are batched together instead")
+    leak = packing_leak(model) if can_probe else 0.0
+    if leak > PACKING_TOLERANCE:
+        if choice == "padding_free":
+            raise SetupError(f"batching padding_free: this model's attention ({attention}) lets a batch's rows attend to "
+                             f"each other (logits differ by {leak:.3g} from the rows run alone): set batching: grouped")
+        return "grouped", f"{attention} attention lets padding-free rows see each other (logits differ by {leak:.3g})"
+    return "padding_free", f"{attention} attention keeps a padding-free batch's rows apart (checked, {leak:.2g})"
+
+
+class PaddingCount:
+    """Wraps a data collator and counts the batches' padding: `share` is the padded positions among all positions
+    the training forwards compute. Padding-free batches have none."""
+
+    def __init__(self, collate, model):
+        self.collate, self.model, self.padded, self.total = collate, model, 0, 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        if not self.model.training:  # an evaluation's batches
+            return batch
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            self.padded += int((mask == 0).sum())
+            self.total += mask.numel()
+        elif "input_ids" in batch:
+            self.total += batch["input_ids"].numel()
+        return batch
+
+    def count(self, padded: int, total: int) -> None:
+        self.padded, self.total = self.padded + padded, self.total + total
+
+    @property
+    def share(self) -> float:
+        return self.padded / self.total if self.total else 0.0
+
+
 def optimizer(settings: TrainSettings, quantized: bool) -> str:
     """auto: paged 8-bit AdamW for a 4-bit model on a GPU (QLoRA's recipe: optimizer state in 8 bits, paged to host
     memory under pressure); AdamW otherwise. bitsandbytes' 8-bit and paged optimizers are CUDA kernels."""
@@ -193,7 +242,7 @@ def optimizer(settings: TrainSettings, quantized: bool) -> str:
 
 
 def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool, quantized: bool = False,
-                      guard_every: int | None = None) -> dict[str, Any]:
+                      guard_every: int | None = None, batching: str = "padded") -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig. `guard_every`: a LikelihoodGuard watches the evaluations,
     held every that many steps (eval_steps when set), each with a checkpoint it can go back to."""
     mode = precision(settings)
@@ -240,6 +289,7 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool
         **best,
         seed=settings.seed,
         data_seed=settings.seed,
+        train_sampling_strategy="group_by_length" if batching == "grouped" else "random",
         report_to="none",
     ) | distributed.sharding_arguments(settings)
 
@@ -395,7 +445,7 @@ def load_for_training(config: Config, model_path: str):
 def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTracker, out: Path,
                    lineage: dict[str, Any], resume: str | None, has_eval: bool, tokenizer, tokenizer_source: str | Path,
                    adapter_base: str | None, trained_token_fraction: float, guard: LikelihoodGuard | None = None,
-                   **save_options) -> dict[str, Any]:
+                   padding: PaddingCount | None = None, **save_options) -> dict[str, Any]:
     """How every training stage ends: train, evaluate, save the weights (all processes) and, in the main process, the
     tokenizer, the adapter's base name, the loss history and curve, the MLflow metrics and the manifest (last).
     `adapter_base` is what the saved adapter names as its base; None for full weights. A guard's report goes into the
@@ -406,6 +456,8 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
         lineage["likelihood_guard"] = guard.report(trainer.state)
     metrics = {"train_loss": result.training_loss, "steps": result.global_step,
                "trained_token_fraction": trained_token_fraction}
+    if padding is not None:
+        metrics["padding_share"] = padding.share
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     if has_eval:
         metrics.update(trainer.evaluate())

@@ -64,6 +64,186 @@ def _guard_every(settings, pairs: int) -> int:
     return max(1, steps // 5)
 
 
+class SharedPrompt:
+    """Computes each pair's prompt once. TRL's DPOTrainer scores a batch of pairs as 2 x pairs rows, [prompt + chosen]
+    then [prompt + rejected], so every prompt goes through the model twice (and twice more for the reference). This
+    replaces the forward of TRL's fused LM head with one over a row per pair, prompt + chosen + rejected, where the
+    rejected answer follows a copy of the prompt's last token at that token's position, and a 4-D attention mask lets
+    the chosen answer (with the prompt's last token) and the copy with the rejected answer each see the prompt and
+    themselves but never each other. Every token then sees what it sees in TRL's rows, at the same positions, so the
+    log-probabilities are those of the two-row forward (up to rounding); they are put back in TRL's [chosen; rejected]
+    layout, so its losses and metrics are unchanged. Batches that do not share their prompts (truncated from the
+    left) go through TRL's forward."""
+
+    FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+    def __init__(self, causal_lm, sliding_window: int | None = None):
+        self.model = causal_lm
+        self.two_rows = causal_lm.forward
+        self.eager = causal_lm.config._attn_implementation == "eager"
+        # Models that mix full and sliding-window layers take one mask per layer type; the window is kept by position.
+        self.sliding_window = sliding_window
+        self.padded = self.total = 0
+
+    def install(self) -> None:
+        self.model.forward = self
+
+    @property
+    def share(self) -> float:
+        """Padded positions among those the training forwards computed."""
+        return self.padded / self.total if self.total else 0.0
+
+    def __call__(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        layout = None
+        if fused_lm_head and labels is not None and not args and not kwargs.get("output_router_logits"):
+            layout = self.layout(kwargs["input_ids"], kwargs["attention_mask"], labels)
+        if layout is None:
+            return self.two_rows(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        shape = kwargs.pop("input_ids").shape
+        kwargs.pop("attention_mask")
+        kwargs.pop("position_ids", None)
+        ids, positions, targets, mask, (dst, src) = layout
+        if self.model.training and torch.is_grad_enabled():
+            self.padded += int((positions < 0).sum())
+            self.total += ids.numel()
+        out = self.two_rows(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=mask, labels=targets,
+                            fused_lm_head=True, **kwargs)
+        for name in self.FIELDS:
+            value = getattr(out, name, None)
+            if value is not None:
+                spread = value.new_zeros(shape[0], shape[1] - 1)
+                spread[dst] = value[src]
+                setattr(out, name, spread)
+        return out
+
+    def layout(self, input_ids, attention_mask, labels):
+        """The shared rows of a [chosen; rejected] batch: ids, position ids (-1 on padding), labels, the 4-D mask, and
+        where each scored position goes back to in TRL's layout (destination and source indices). None when a pair's
+        two rows do not start with the same prompt."""
+        pairs = input_ids.size(0) // 2
+        rows, positions, targets, branches = [], [], [], []
+        dst_rows, dst_cols, src_rows, src_cols = [], [], [], []
+        for i in range(pairs):
+            c_len, r_len = int(attention_mask[i].sum()), int(attention_mask[pairs + i].sum())
+            c_ids, r_ids = input_ids[i, :c_len], input_ids[pairs + i, :r_len]
+            c_lab, r_lab = labels[i, :c_len], labels[pairs + i, :r_len]
+            p = _first_label(c_lab)
+            if p == 0 or p != _first_label(r_lab) or not torch.equal(c_ids[:p], r_ids[:p]):
+                return None
+            c, r = c_len - p, r_len - p
+            rows.append(torch.cat([c_ids, r_ids[p - 1:]]))
+            positions.append(torch.cat([torch.arange(c_len), torch.arange(p - 1, r_len)]))
+            targets.append(torch.cat([c_lab, c_lab.new_full((1,), -100), r_lab[p:]]))
+            # 0: the prompt but its last token; 1: that token and the chosen answer; 2: its copy and the rejected one
+            branches.append(torch.cat([torch.zeros(p - 1), torch.ones(c + 1), torch.full((r + 1,), 2.0)]))
+            # output position t scores token t + 1
+            dst_rows += [i] * c + [pairs + i] * r
+            dst_cols += list(range(p - 1, p - 1 + c)) + list(range(p - 1, p - 1 + r))
+            src_rows += [i] * (c + r)
+            src_cols += list(range(p - 1, p - 1 + c)) + list(range(p + c, p + c + r))
+        width = max(len(row) for row in rows)
+        device = input_ids.device
+
+        def padded(parts, value):
+            return torch.stack([torch.nn.functional.pad(x, (0, width - len(x)), value=value) for x in parts]).to(device)
+
+        ids, position_ids = padded(rows, 0), padded(positions, -1)
+        branch = padded(branches, -1)
+        index = torch.arange(width, device=device)
+        allowed = (index[None, :] <= index[:, None])[None] & (
+            (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])) & (branch[:, None, :] >= 0)
+        diagonal = torch.eye(width, dtype=torch.bool, device=device)  # padding rows see themselves: no empty softmax
+        mask = self.attention_mask(allowed | diagonal)
+        if self.sliding_window:
+            near = position_ids[:, None, :] > position_ids[:, :, None] - self.sliding_window
+            mask = {"full_attention": mask, "sliding_attention": self.attention_mask((allowed & near) | diagonal)}
+        index_pairs = ((torch.tensor(dst_rows, dtype=torch.long), torch.tensor(dst_cols, dtype=torch.long)),
+                       (torch.tensor(src_rows, dtype=torch.long), torch.tensor(src_cols, dtype=torch.long)))
+        return ids, position_ids, padded(targets, -100), mask, index_pairs
+
+
+    def attention_mask(self, allowed):
+        if self.eager:  # eager attention adds its mask to the scores
+            return torch.zeros(allowed[:, None].shape, device=allowed.device).masked_fill(
+                ~allowed[:, None], torch.finfo(torch.float32).min)
+        return allowed[:, None]
+
+
+def _first_label(labels) -> int:
+    scored = (labels != -100).nonzero()
+    return int(scored[0]) if len(scored) else len(labels)
+
+
+def share_prompts(trainer, settings, max_length: int, can_probe: bool) -> tuple[SharedPrompt | None, str]:
+    """Install SharedPrompt on the trainer's model when dpo.shared_prompt allows and the model gives the same
+    log-probabilities both ways on a probe batch; the reason either way."""
+    if not settings.shared_prompt:
+        return None, "dpo.shared_prompt: false"
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    text = causal_lm.config.get_text_config()
+    attention = causal_lm.config._attn_implementation
+    if attention not in ("eager", "sdpa"):
+        return None, f"{attention} attention takes no 4-D attention mask"
+    if getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None):
+        return None, "a mixture-of-experts model: its load-balancing loss reads a 2-D attention mask"
+    window = getattr(text, "sliding_window", None)
+    layer_types = set(getattr(text, "layer_types", None) or [])
+    if window and layer_types - {"full_attention", "sliding_attention"}:
+        return None, f"attention layers of types {sorted(layer_types)}: one mask cannot stand for them all"
+    mixed = bool(window) and "sliding_attention" in layer_types
+    if window and not mixed and 2 * max_length + 1 > window:
+        return None, (f"sliding-window attention ({window} tokens) over shared rows of up to {2 * max_length + 1} "
+                      "tokens: a 4-D mask would replace the window")
+    shared = SharedPrompt(causal_lm, window if mixed else None)
+    if not can_probe:
+        shared.install()
+        return shared, "on (not probed: a 4-bit model is never run in eval mode on the CPU)"
+    try:
+        difference = shared_prompt_difference(causal_lm, shared, trainer.processing_class.pad_token_id or 0)
+    except Exception as err:  # a model that does not take 4-D masks or per-layer-type masks
+        return None, f"the model's forward does not take the shared rows' attention mask ({tracking.first_line(err)})"
+    if difference > SHARED_PROMPT_TOLERANCE:
+        return None, f"the shared-prompt forward differs from TRL's two rows on a probe by {difference:.3g}"
+    shared.install()
+    return shared, f"on: the same log-probabilities as TRL's two rows on a probe (largest difference {difference:.2g})"
+
+
+# Log-probabilities summed over an answer in fp32: the two layouts differ by rounding only (about 1e-5).
+SHARED_PROMPT_TOLERANCE = 1e-3
+
+
+@torch.no_grad()
+def shared_prompt_difference(causal_lm, shared: SharedPrompt, pad_id: int) -> float:
+    """The largest per-token log-probability difference between TRL's two rows and the shared row on two random pairs
+    of different lengths, the model in eval mode and fp32. With a sliding window of up to 1024 tokens, one prompt is
+    longer than the window, so that the window is checked too."""
+    from trl.trainer.utils import pad
+
+    vocab = causal_lm.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    device = next(causal_lm.parameters()).device
+    window = shared.sliding_window or 0
+    long_prompt = window + 3 if window <= 1024 else 7
+    pairs = [[torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
+             for lengths in ((long_prompt, 5, 3), (4, 2, 6))]
+    sequences = [torch.cat([p, c]) for p, c, _ in pairs] + [torch.cat([p, r]) for p, _, r in pairs]
+    prompts = [len(p) for p, _, _ in pairs] * 2
+    ids = pad(sequences, padding_value=pad_id, padding_side="right").to(device)
+    mask = pad([torch.ones(len(s), dtype=torch.long) for s in sequences], padding_value=0, padding_side="right").to(device)
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, prompt in enumerate(prompts):
+        labels[row, :prompt] = -100
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        two = shared.two_rows(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        one = shared(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    finally:
+        causal_lm.train(was_training)
+    return (two.log_probs.float() - one.log_probs.float()).abs().max().item()
+
+
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     settings = config.dpo
     if distributed.needs_launch(settings):
@@ -121,15 +301,25 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     # RPO: TRL's NLL term on the chosen answers, next to the DPO loss.
     losses = {"loss_type": [settings.loss_type, "sft"], "loss_weights": [1.0, settings.rpo_alpha]} if settings.rpo_alpha \
         else {"loss_type": [settings.loss_type]}
+    batching = "padded" if settings.batching == "padded" else "grouped"  # TRL's DPO has no padding-free batches
+    # The reference's log-probabilities of a pair do not change: when the run passes over the pairs more than once,
+    # TRL computes them once before training instead of in every step.
+    steps = settings.max_steps if settings.max_steps > 0 else math.ceil(len(train) / settings.batch_size) * settings.epochs
+    passes = steps * settings.batch_size * settings.grad_accum / len(train)
+    precompute = passes > 1 and backend == "hf"
     args = DPOConfig(
         **training.trainer_arguments(settings, checkpoints, has_eval, quantized=quantized,
-                                     guard_every=_guard_every(settings, len(train)) if guard else None),
+                                     guard_every=_guard_every(settings, len(train)) if guard else None,
+                                     batching=batching),
         beta=settings.beta,
         max_length=config.data.max_length,
+        precompute_ref_log_probs=precompute,
+        remove_unused_columns=False,  # keeps the length column the length-grouped sampler reads
         **losses,
     )
     lineage = tracking.inherit_lineage(sft_manifest, config, inputs)
     lineage.update(backend=backend, backend_reason=why, method="lora", adapter_base=adapter_base,
+                   batching=batching, reference_logps="once, before training" if precompute else "in every step",
                    **distributed.describe(settings))
     with training.stage_outputs(config, STAGE, lineage, output) as (tracker, out):
         trainer = DPOTrainer(
@@ -144,11 +334,27 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         rows = trainer.train_dataset
         lengths = [(len(p), len(c), len(r))
                    for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)]
+        shared = None
         if backend == "unsloth":
             lineage["attention"] = "unsloth"
+            lineage["shared_prompt"] = "off: Unsloth's DPO step has its own forward"
         else:
-            longest = max(p + max(c, r) for p, c, r in lengths)
+            # The shared row of a pair is prompt + chosen + rejected + 1 tokens long.
+            longest = max((p + c + r + 1) if settings.shared_prompt else p + max(c, r) for p, c, r in lengths)
             lineage["attention"] = training.choose_attention(trainer.model, settings, longest)
+            shared, lineage["shared_prompt"] = share_prompts(trainer, settings, config.data.max_length,
+                                                             can_probe=not (quantized and not torch.cuda.is_available()))
+        log.info("prompt computed once per pair: %s", lineage["shared_prompt"])
+        if batching == "grouped":
+            trainer.train_dataset = trainer.train_dataset.add_column(
+                "length", [(p + c + r + 1) if shared else p + max(c, r) for p, c, r in lengths])
+            if has_eval:
+                trainer.eval_dataset = trainer.eval_dataset.add_column("length", [
+                    len(p) + len(c) + len(r) for p, c, r in zip(trainer.eval_dataset["prompt_ids"],
+                                                                trainer.eval_dataset["chosen_ids"],
+                                                                trainer.eval_dataset["rejected_ids"], strict=True)])
+        padding = training.PaddingCount(trainer.data_collator, trainer.model)
+        trainer.data_collator = padding
         # Both answers are trained on; their prompt is not.
         answer_tokens = sum(c + r for _, c, r in lengths)
         metrics = training.train_and_save(
@@ -156,6 +362,6 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir,
             adapter_base=config.base_model.source if adapter_base == "base_model" else "sft",
             trained_token_fraction=answer_tokens / (answer_tokens + sum(2 * p for p, _, _ in lengths)), guard=guard,
-            selected_adapters=["default"])
+            padding=shared or padding, selected_adapters=["default"])
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)

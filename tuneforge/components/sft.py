@@ -88,6 +88,9 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     if backend == "unsloth" and settings.packing:
         raise SetupError("sft.packing with backend unsloth: Unsloth's kernels are not checked here to keep packed examples "
                          "apart; set sft.backend: hf to pack, or sft.packing: false")
+    if backend == "unsloth" and settings.batching == "padding_free":
+        raise SetupError("sft.batching padding_free with backend unsloth: Unsloth's kernels are not checked here to keep "
+                         "a batch's rows apart; set sft.backend: hf, or sft.batching: grouped")
     if backend == "unsloth":
         model = backends.unsloth_load(model_path, config.base_model, settings, max_length=config.data.max_length,
                                       dtype=training.compute_dtype(settings), four_bit=settings.method == "qlora",
@@ -103,16 +106,24 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if settings.method in ("lora", "qlora"):
             peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
         attention = training.choose_attention(model, settings, longest)
+    batching, batching_reason = training.choose_batching(settings, model, attention, settings.packing,
+                                                         can_probe=not on_cpu_qlora)
+    if batching == "padding_free" and settings.attention == "auto" and attention in ("eager", "sdpa"):
+        attention = training.choose_attention(model, settings, longest * settings.batch_size)  # one row per batch
+    log.info("batching: %s (%s)", batching, batching_reason)
 
     args = SFTConfig(
-        **training.trainer_arguments(settings, checkpoints, has_eval, quantized=settings.method == "qlora"),
-        max_length=config.data.max_length,
+        **training.trainer_arguments(settings, checkpoints, has_eval, quantized=settings.method == "qlora",
+                                     batching=batching),
+        # data-prep already dropped or failed rows over data.max_length; TRL refuses a limit on padding-free rows
+        max_length=None if batching == "padding_free" else config.data.max_length,
         packing=settings.packing,
+        padding_free=batching == "padding_free",
         dataset_num_proc=None,
     )
     lineage = tracking.inherit_lineage(data_manifest, config, inputs)
     lineage.update(attention=attention, backend=backend, backend_reason=why, method=settings.method,
-                   **distributed.describe(settings))
+                   batching=batching, batching_reason=batching_reason, **distributed.describe(settings))
     with training.stage_outputs(config, STAGE, lineage, output) as (tracker, out):
         trainer = SFTTrainer(
             model=model,
@@ -123,10 +134,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             peft_config=peft_config,
             callbacks=training.callbacks(settings, "sft/", tracker, config.storage.endpoint_url),
         )
+        trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
         metrics = training.train_and_save(
             trainer, stage=STAGE, title=f"SFT ({settings.method})", tracker=tracker, out=out, lineage=lineage,
             resume=resume, has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=model_path,
             adapter_base=None if settings.method == "full" else config.base_model.source,
-            trained_token_fraction=trained_fraction)
+            trained_token_fraction=trained_fraction, padding=padding)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)
