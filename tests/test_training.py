@@ -248,3 +248,40 @@ def test_shared_prompt_keeps_trls_rows_for_a_batch_whose_prompts_differ():
     assert shared.layout(batch["input_ids"], batch["attention_mask"], labels) is not None
     batch["input_ids"][2, 0] += 1  # the first pair's rejected row starts with another prompt
     assert shared.layout(batch["input_ids"], batch["attention_mask"], labels) is None
+
+
+def test_batched_answer_log_probabilities_equal_one_at_a_time():
+    """evaluate scores preference pairs in right-padded batches: each answer's log-probability equals its own
+    unpadded forward's, within 1e-4."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.components.evaluate import answer_logp
+
+    path = resolve(BaseModelSettings(source="tiny-llama"))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    prompts = ["Extract the name.\n\nAnna lives in Rome.", "Hi", "Count to three, slowly and carefully please."]
+    answers = ['{"name": "Anna"}', "Hello there, how are you today?", "one"]
+    batched = answer_logp(model, tokenizer, prompts, answers, batch_size=3)
+    alone = [answer_logp(model, tokenizer, [p], [a], batch_size=1)[0] for p, a in zip(prompts, answers, strict=True)]
+    with torch.no_grad():
+        prompt_ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + tokenizer(answers[0], add_special_tokens=False)["input_ids"]])
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert alone[0] == pytest.approx(logps[len(prompt_ids) - 1:].sum().item(), abs=1e-4)
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+
+def test_heldout_loss_equals_the_cross_entropy_over_full_logits():
+    from tuneforge.components.evaluate import heldout_loss
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    for length, prompt in ((20, 12), (9, 4), (15, 14)):
+        ids = torch.randint(3, 400, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    with torch.no_grad():
+        total = sum(torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1],
+                                                      torch.tensor(r["labels"][1:]), reduction="sum").item() for r in rows)
+    expected = total / sum(len(r["input_ids"]) - p for r, p in zip(rows, (12, 4, 14), strict=True))
+    assert heldout_loss(model, rows, pad_id=0, batch_size=3)["eval_loss"] == pytest.approx(expected, abs=1e-4)

@@ -232,7 +232,11 @@ class EvaluateSettings(Strict):
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit for the eval tasks.")
     max_examples: int = Field(200, gt=0, description="Cap on held-out rows scored per metric.")
     samples: int = Field(8, ge=0, description="Sample generations shown side by side in the report.")
-    batch_size: int = Field(8, gt=0, description="Rows per forward pass or generation batch.")
+    batch_size: int = Field(8, gt=0, description="Rows per forward pass (held-out loss, preference accuracy).")
+    generation_batch_size: int = Field(
+        32, gt=0, description="Eval-task prompts generated together. Decoding a small model reads all its weights for "
+        "every token whatever the batch, so larger batches cost little more per step (on 2 CPU cores, 40 prompts: "
+        "about 3x faster in one batch than in five of 8).")
     lm_eval: LmEvalSettings = Field(default_factory=LmEvalSettings,
                                     description="General ability kept through fine-tuning, by lm-evaluation-harness.")
 

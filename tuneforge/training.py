@@ -460,7 +460,7 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
         metrics["padding_share"] = padding.share
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     if has_eval:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_evaluation(trainer))
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         metrics["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -484,6 +484,17 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
     lineage.update(kind="adapter" if adapter_base is not None else "full", trained_by=stage, **tracker.run_record())
     storage.write_manifest(out, stage, lineage, metrics)
     return metrics
+
+
+def final_evaluation(trainer) -> dict[str, float]:
+    """The held-out metrics of the trained weights: those of the evaluation at the last step when there was one and
+    the weights were not replaced by an earlier checkpoint (the guard, early stopping), else a new evaluation."""
+    state = trainer.state
+    last = next((e for e in reversed(state.log_history) if "eval_loss" in e), None)
+    kept_last = not trainer.args.load_best_model_at_end or state.best_global_step in (None, state.global_step)
+    if last is None or last.get("step") != state.global_step or not kept_last:
+        return trainer.evaluate()
+    return {k: v for k, v in last.items() if k.startswith("eval_") and k != f"eval_{LikelihoodGuard.METRIC}"}
 
 
 def adapter_reload_difference(trainer, out: Path) -> float:
