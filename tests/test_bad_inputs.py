@@ -309,6 +309,16 @@ def case_config_unknown_backend(tmp):
     return ["validate", path], [str(path), "sft.backend", "'vllm'", "unsloth"]
 
 
+def case_config_padding_free_dpo(tmp):
+    path = edited_config(tmp, lambda c: c["dpo"].update(batching="padding_free"))
+    return ["validate", path], [str(path), "dpo.batching", "use grouped or auto"]
+
+
+def case_config_unknown_batching(tmp):
+    path = edited_config(tmp, lambda c: c["sft"].update(batching="sorted"))
+    return ["validate", path], [str(path), "sft.batching", "'sorted'", "padding_free"]
+
+
 def case_set_without_equals(tmp):
     path = write(tmp, "c.yaml", yaml.safe_dump(good_config(tmp)))
     return ["validate", path, "--set", "sft.max_steps"], ["--set", "sft.max_steps"]

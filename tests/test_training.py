@@ -166,15 +166,25 @@ def test_a_padding_free_batch_trains_like_the_padded_batch(arch, attention):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("setting", "attention", "expected"), [
-    ("auto", "eager", "grouped"), ("auto", "sdpa", "grouped"), ("padded", "sdpa", "padded"), ("grouped", "eager", "grouped"),
-    ("padding_free", "eager", "padding_free"), ("auto", "flash_attention_2", "padding_free"),
+VARIED = [10 + (i * 37) % 200 for i in range(64)]  # random batches of these are about half padding
+UNIFORM = [70 + i % 8 for i in range(64)]
+
+
+@pytest.mark.parametrize(("setting", "attention", "lengths", "expected"), [
+    ("auto", "eager", VARIED, "grouped"), ("auto", "sdpa", VARIED, "grouped"), ("auto", "eager", UNIFORM, "padded"),
+    ("padded", "sdpa", VARIED, "padded"), ("grouped", "eager", UNIFORM, "grouped"),
+    ("padding_free", "eager", VARIED, "padding_free"), ("auto", "flash_attention_2", UNIFORM, "padding_free"),
 ])
-def test_batching_choice(setting, attention, expected):
+def test_batching_choice(setting, attention, lengths, expected):
     model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), attn_implementation="eager")
-    choice, reason = training.choose_batching(SftSettings(batching=setting), model, attention)
+    settings = SftSettings(batching=setting, batch_size=8)
+    choice, reason = training.choose_batching(settings, model, attention, lengths)
     assert choice == expected and reason
-    assert training.choose_batching(SftSettings(batching=setting), model, attention, packing=True)[0] == "packed"
+    assert training.choose_batching(settings, model, attention, lengths, packing=True)[0] == "packed"
+    if setting == "auto":  # a trainer without padding-free batches (DPO) groups by the padding alone
+        assert training.choose_batching(settings, model, attention, lengths, padding_free=False)[0] == (
+            "grouped" if lengths is VARIED else "padded")
+    assert training.random_batch_padding(VARIED, 8) > 0.3 > 0.05 > training.random_batch_padding(UNIFORM, 8)
 
 
 def test_padding_free_is_refused_where_the_rows_would_see_each_other():
@@ -182,8 +192,8 @@ def test_padding_free_is_refused_where_the_rows_would_see_each_other():
     original = model.forward
     model.forward = lambda *args, **kwargs: original(*args, **{**kwargs, "use_cache": True})  # leaks, as in the probe test
     with pytest.raises(SetupError, match="batching: grouped"):
-        training.choose_batching(SftSettings(batching="padding_free"), model, "eager")
-    assert training.choose_batching(SftSettings(batching="auto"), model, "flash_attention_2")[0] == "grouped"
+        training.choose_batching(SftSettings(batching="padding_free"), model, "eager", VARIED)
+    assert training.choose_batching(SftSettings(batching="auto"), model, "flash_attention_2", VARIED)[0] == "grouped"
 
 
 def dpo_trainer(arch: str, attention: str, rows: list[dict]):

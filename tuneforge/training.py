@@ -180,19 +180,43 @@ def packing_leak(model) -> float:
     return max((packed[:9] - alone[0]).abs().max().item(), (packed[9:] - alone[1]).abs().max().item())
 
 
-def choose_batching(settings: TrainSettings, model, attention: str, packing: bool = False,
-                    can_probe: bool = True) -> tuple[str, str]:
+# Below this share of padding in random batches, grouping rows by length saves little and costs the batches'
+# randomness (rows of one length are often rows of one kind).
+GROUPING_MIN_PADDING = 0.1
+
+
+def random_batch_padding(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """The share of padded positions when rows of these lengths are batched in a random order."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    padded = total = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        total += max(batch) * len(batch)
+        padded += max(batch) * len(batch) - sum(batch)
+    return padded / total if total else 0.0
+
+
+def choose_batching(settings: TrainSettings, model, attention: str, lengths: list[int], packing: bool = False,
+                    can_probe: bool = True, padding_free: bool = True) -> tuple[str, str]:
     """How rows make a batch (`settings.batching`) and why. Padding-free rows need an attention that keeps a batch's
     rows apart by their position ids: probed like packing (not for a 4-bit model on the CPU, see _check_packing in
-    sft), refused when asked for and it leaks."""
+    sft), refused when asked for and it leaks. `lengths`: the training rows' lengths, as batched; `padding_free`:
+    whether the trainer has padding-free batches at all (TRL's DPOTrainer has not)."""
     choice = settings.batching
     if packing:
         return "packed", "sft.packing: rows packed into full sequences"
     if choice in ("padded", "grouped"):
         return choice, "set in the config"
-    if choice == "auto" and not attention.startswith("flash_attention"):
-        return "grouped", (f"{attention} attention would attend over a padding-free batch's whole length (a mask of "
-                           "its rows' total squared); rows of similar length are batched together instead")
+    if choice == "auto" and (not padding_free or not attention.startswith("flash_attention")):
+        padding = random_batch_padding(lengths, settings.batch_size, settings.seed)
+        if padding < GROUPING_MIN_PADDING:
+            return "padded", (f"rows of nearly one length: random batches are {padding:.0%} padding "
+                              f"(grouping them by length pays from {GROUPING_MIN_PADDING:.0%})")
+        if not padding_free:
+            return "grouped", f"random batches would be {padding:.0%} padding"
+        return "grouped", (f"random batches would be {padding:.0%} padding; on {attention} attention a padding-free "
+                           "batch attends over its whole length (a mask of its rows' total squared), so rows of "
+                           "similar length are batched together instead")
     leak = packing_leak(model) if can_probe else 0.0
     if leak > PACKING_TOLERANCE:
         if choice == "padding_free":

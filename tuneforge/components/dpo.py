@@ -301,7 +301,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     # RPO: TRL's NLL term on the chosen answers, next to the DPO loss.
     losses = {"loss_type": [settings.loss_type, "sft"], "loss_weights": [1.0, settings.rpo_alpha]} if settings.rpo_alpha \
         else {"loss_type": [settings.loss_type]}
-    batching = "padded" if settings.batching == "padded" else "grouped"  # TRL's DPO has no padding-free batches
+
     # The reference's log-probabilities of a pair do not change: when the run passes over the pairs more than once,
     # TRL computes them once before training instead of in every step.
     steps = settings.max_steps if settings.max_steps > 0 else math.ceil(len(train) / settings.batch_size) * settings.epochs
@@ -309,8 +309,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     precompute = passes > 1 and backend == "hf"
     args = DPOConfig(
         **training.trainer_arguments(settings, checkpoints, has_eval, quantized=quantized,
-                                     guard_every=_guard_every(settings, len(train)) if guard else None,
-                                     batching=batching),
+                                     guard_every=_guard_every(settings, len(train)) if guard else None),
         beta=settings.beta,
         max_length=config.data.max_length,
         precompute_ref_log_probs=precompute,
@@ -319,7 +318,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     )
     lineage = tracking.inherit_lineage(sft_manifest, config, inputs)
     lineage.update(backend=backend, backend_reason=why, method="lora", adapter_base=adapter_base,
-                   batching=batching, reference_logps="once, before training" if precompute else "in every step",
+                   reference_logps="once, before training" if precompute else "in every step",
                    **distributed.describe(settings))
     with training.stage_outputs(config, STAGE, lineage, output) as (tracker, out):
         trainer = DPOTrainer(
@@ -345,9 +344,15 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             shared, lineage["shared_prompt"] = share_prompts(trainer, settings, config.data.max_length,
                                                              can_probe=not (quantized and not torch.cuda.is_available()))
         log.info("prompt computed once per pair: %s", lineage["shared_prompt"])
+        batched_lengths = [(p + c + r + 1) if shared else p + max(c, r) for p, c, r in lengths]
+        # TRL's DPO has no padding-free batches: auto groups rows by length where random batches would pad much.
+        batching, lineage["batching_reason"] = training.choose_batching(
+            settings, trainer.model, lineage["attention"], batched_lengths, padding_free=False)
+        lineage["batching"] = batching
+        log.info("batching: %s (%s)", batching, lineage["batching_reason"])
         if batching == "grouped":
-            trainer.train_dataset = trainer.train_dataset.add_column(
-                "length", [(p + c + r + 1) if shared else p + max(c, r) for p, c, r in lengths])
+            trainer.args.train_sampling_strategy = "group_by_length"
+            trainer.train_dataset = trainer.train_dataset.add_column("length", batched_lengths)
             if has_eval:
                 trainer.eval_dataset = trainer.eval_dataset.add_column("length", [
                     len(p) + len(c) + len(r) for p, c, r in zip(trainer.eval_dataset["prompt_ids"],

@@ -106,8 +106,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if settings.method in ("lora", "qlora"):
             peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
         attention = training.choose_attention(model, settings, longest)
-    batching, batching_reason = training.choose_batching(settings, model, attention, settings.packing,
-                                                         can_probe=not on_cpu_qlora)
+    batching, batching_reason = training.choose_batching(settings, model, attention, [len(r) for r in train["input_ids"]],
+                                                         settings.packing, can_probe=not on_cpu_qlora)
     if batching == "padding_free" and settings.attention == "auto" and attention in ("eager", "sdpa"):
         attention = training.choose_attention(model, settings, longest * settings.batch_size)  # one row per batch
     log.info("batching: %s (%s)", batching, batching_reason)
