@@ -105,7 +105,8 @@ def test_upload_survives_the_server_restarting(weed, tmp_path):
 
 
 def test_download_survives_the_server_restarting(weed, tmp_path):
-    storage.publish(big_output(tmp_path), f"s3://{BUCKET}/runs/b")
+    # A fetch runs at 200+ MB/s on a fast machine: big enough to still be running when the server goes down.
+    storage.publish(big_output(tmp_path, megabytes=384), f"s3://{BUCKET}/runs/b")
     outcome = restart_during(weed, lambda: storage.fetch(f"s3://{BUCKET}/runs/b", tmp_path / "back"), after=0.3)
     assert (outcome["value"] / "manifest.json").exists()
     print(f"fetch with a 3 s server outage: {outcome['seconds']:.1f} s")
