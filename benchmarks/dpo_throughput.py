@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_throughput import (
     LORA,
     PaddingCount,
+    chosen_sides,
     matmul_parameters,
     matmul_peak,
     model_path,
@@ -206,9 +207,7 @@ def main() -> None:
     if args.recipe_worker:
         side, data, start, count, output = args.recipe_worker
         return recipe(side, data, start, int(count), Path(output))
-    sides = [args.only] if args.only else args.sides.split(",")
-    if set(sides) - set(SIDES):
-        parser.error(f"--sides: unknown {', '.join(sorted(set(sides) - set(SIDES)))}")
+    sides = chosen_sides(parser, args, SIDES)
 
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     start = str(prepare(model_path(args.model), args.pairs, work, args.data))

@@ -232,6 +232,14 @@ def matmul_parameters(model: str) -> tuple[int, int]:
     return n, n_lora
 
 
+def chosen_sides(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> list[str]:
+    """The sides to run: --only, or --sides checked against the benchmark's own."""
+    sides = [args.only] if args.only else args.sides.split(",")
+    if set(sides) - set(known):
+        parser.error(f"--sides: unknown {', '.join(sorted(set(sides) - set(known)))}")
+    return sides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -245,9 +253,7 @@ def main() -> None:
     if args.recipe_worker:
         side, data, model, count, output = args.recipe_worker
         return recipe(side, data, model, int(count), Path(output))
-    sides = [args.only] if args.only else args.sides.split(",")
-    if set(sides) - set(SIDES):
-        parser.error(f"--sides: unknown {', '.join(sorted(set(sides) - set(SIDES)))}")
+    sides = chosen_sides(parser, args, SIDES)
 
     model = model_path(args.model)
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
