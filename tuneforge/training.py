@@ -245,9 +245,6 @@ class PaddingCount:
             self.total += batch["input_ids"].numel()
         return batch
 
-    def count(self, padded: int, total: int) -> None:
-        self.padded, self.total = self.padded + padded, self.total + total
-
     @property
     def share(self) -> float:
         return self.padded / self.total if self.total else 0.0

@@ -161,12 +161,17 @@ class SharedPrompt:
                        (torch.tensor(src_rows, dtype=torch.long), torch.tensor(src_cols, dtype=torch.long)))
         return ids, position_ids, padded(targets, -100), mask, index_pairs
 
-
     def attention_mask(self, allowed):
         if self.eager:  # eager attention adds its mask to the scores
             return torch.zeros(allowed[:, None].shape, device=allowed.device).masked_fill(
                 ~allowed[:, None], torch.finfo(torch.float32).min)
         return allowed[:, None]
+
+
+def _pair_lengths(dataset) -> list[tuple[int, int, int]]:
+    """Prompt, chosen and rejected token counts of each pair of a tokenized DPO dataset."""
+    return [(len(p), len(c), len(r))
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
 
 
 def _first_label(labels) -> int:
@@ -330,9 +335,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             peft_config=peft_config,
             callbacks=training.callbacks(settings, "dpo/", tracker, config.storage.endpoint_url) + ([guard] if guard else []),
         )
-        rows = trainer.train_dataset
-        lengths = [(len(p), len(c), len(r))
-                   for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)]
+        lengths = _pair_lengths(trainer.train_dataset)
         shared = None
         if backend == "unsloth":
             lineage["attention"] = "unsloth"
@@ -344,7 +347,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             shared, lineage["shared_prompt"] = share_prompts(trainer, settings, config.data.max_length,
                                                              can_probe=not (quantized and not torch.cuda.is_available()))
         log.info("prompt computed once per pair: %s", lineage["shared_prompt"])
-        batched_lengths = [(p + c + r + 1) if shared else p + max(c, r) for p, c, r in lengths]
+        def row_length(p: int, c: int, r: int) -> int:  # of a pair's shared row, or of its longer TRL row
+            return p + c + r + 1 if shared else p + max(c, r)
+
+        batched_lengths = [row_length(*pair) for pair in lengths]
         # TRL's DPO has no padding-free batches: auto groups rows by length where random batches would pad much.
         batching, lineage["batching_reason"] = training.choose_batching(
             settings, trainer.model, lineage["attention"], batched_lengths, padding_free=False)
@@ -354,12 +360,12 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             trainer.args.train_sampling_strategy = "group_by_length"
             trainer.train_dataset = trainer.train_dataset.add_column("length", batched_lengths)
             if has_eval:
-                trainer.eval_dataset = trainer.eval_dataset.add_column("length", [
-                    len(p) + len(c) + len(r) for p, c, r in zip(trainer.eval_dataset["prompt_ids"],
-                                                                trainer.eval_dataset["chosen_ids"],
-                                                                trainer.eval_dataset["rejected_ids"], strict=True)])
-        padding = training.PaddingCount(trainer.data_collator, trainer.model)
-        trainer.data_collator = padding
+                trainer.eval_dataset = trainer.eval_dataset.add_column(
+                    "length", [row_length(*pair) for pair in _pair_lengths(trainer.eval_dataset)])
+        # With the shared prompt, the padding of the rows actually computed is counted by SharedPrompt.
+        padding = shared
+        if padding is None:
+            trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
         # Both answers are trained on; their prompt is not.
         answer_tokens = sum(c + r for _, c, r in lengths)
         metrics = training.train_and_save(
@@ -367,6 +373,6 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir,
             adapter_base=config.base_model.source if adapter_base == "base_model" else "sft",
             trained_token_fraction=answer_tokens / (answer_tokens + sum(2 * p for p, _, _ in lengths)), guard=guard,
-            padding=shared or padding, selected_adapters=["default"])
+            padding=padding, selected_adapters=["default"])
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)
