@@ -316,3 +316,29 @@ def test_datasets_and_base_models_from_s3(s3_env, tmp_path, monkeypatch):
     missing = make_config(tmp_path, [{"path": "s3://tuneforge/datasets/nope.jsonl"}])
     result = cli("stage", "data-prep", "--config", missing, "--output", tmp_path / "data2")
     assert result.exit_code == 2 and "s3://tuneforge/datasets/nope.jsonl: no such object or prefix in S3" in result.stderr
+
+
+def test_up_takes_new_ports_when_one_is_taken_before_seaweedfs_binds_it(tmp_path, monkeypatch):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = []
+
+    def ports_with_one_taken():
+        ports = real_ports()
+        if not picks:
+            ports["master"] = taken.getsockname()[1]
+        picks.append(ports)
+        return ports
+
+    real_ports = services.seaweedfs_ports
+    monkeypatch.setattr(services, "seaweedfs_ports", ports_with_one_taken)
+    try:
+        env = services.up(tmp_path)
+        assert len(picks) == 2 and env["AWS_ENDPOINT_URL"].endswith(f":{picks[1]['s3']}")
+        assert "tuneforge" in [b["Name"] for b in _client(env).list_buckets()["Buckets"]]
+    finally:
+        services.down(tmp_path)
+        taken.close()

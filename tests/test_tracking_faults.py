@@ -50,12 +50,12 @@ def prepared(tmp_path_factory):
     return config, tmp / "data"
 
 
-def start_sft(prepared, tmp_path, server, steps, *extra):
+def start_sft(prepared, tmp_path, server, steps, *extra, env=None):
     config, data = prepared
     args = ["stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft",
             "--set", f"sft.max_steps={steps}", "--set", "sft.logging_steps=1", "--set", "sft.save_steps=1000",
             "--set", "sft.batch_size=2", *extra]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "tuneforge.cli", *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -76,7 +76,9 @@ def kill_once_training_logs(server, process):
 
 def test_metrics_logged_during_an_outage_reach_mlflow_when_it_returns(prepared, tmp_path, server):
     steps = 400
-    process = start_sft(prepared, tmp_path, server, steps)
+    # The client's own retries span about as long as this outage, so one request could outlast it and the stage
+    # would never meet it: without them, every send during the outage fails.
+    process = start_sft(prepared, tmp_path, server, steps, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     run_id = kill_once_training_logs(server, process)
     time.sleep(5)
     server.start()

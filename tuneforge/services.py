@@ -66,6 +66,10 @@ def free_port_pair() -> int:
     raise ServiceError("no free pair of local ports found")
 
 
+class ServiceExited(ServiceError):
+    """The server exited while starting (a port taken meanwhile, a bad flag): its log says why."""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child, so it does not linger as a zombie
@@ -82,7 +86,7 @@ def _wait(url: str, seconds: float, process: subprocess.Popen, log: Path) -> Non
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServiceError(f"{url} did not start (exit {process.returncode}); see {log}")
+            raise ServiceExited(f"{url} did not start (exit {process.returncode}); see {log}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -104,7 +108,14 @@ def write_s3_identity(path: Path, access_key: str, secret_key: str) -> None:
 
 
 def seaweedfs_ports() -> dict[str, int]:
-    return {name: free_port_pair() for name in ("s3", "master", "volume", "filer", "admin")}
+    """Five distinct port pairs: two picks can land ten thousand apart, and then one's gRPC port is the other's."""
+    ports: dict[str, int] = {}
+    while len(ports) < 5:
+        port = free_port_pair()
+        taken = {p + offset for p in ports.values() for offset in (-10000, 0, 10000)}
+        if port not in taken:
+            ports[("s3", "master", "volume", "filer", "admin")[len(ports)]] = port
+    return ports
 
 
 def start_seaweedfs(folder: Path, s3_config: Path, ports: dict[str, int]) -> tuple[subprocess.Popen, str]:
@@ -153,7 +164,15 @@ def up(folder: Path) -> dict[str, str]:
     stack.folder.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "tf" + secrets.token_hex(8), secrets.token_urlsafe(24)
     write_s3_identity(stack.folder / "s3.json", access_key, secret_key)
-    weed_process, s3_url = start_seaweedfs(stack.folder, stack.folder / "s3.json", seaweedfs_ports())
+    for attempt in range(3):
+        # A port found free can be taken by another process before SeaweedFS binds it: then it exits at once,
+        # and new ports are tried.
+        try:
+            weed_process, s3_url = start_seaweedfs(stack.folder, stack.folder / "s3.json", seaweedfs_ports())
+            break
+        except ServiceExited:
+            if attempt == 2:
+                raise
     s3_env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_ENDPOINT_URL": s3_url,
               "AWS_DEFAULT_REGION": "us-east-1"}
     _create_bucket(s3_env)
