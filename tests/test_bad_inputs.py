@@ -135,6 +135,15 @@ def case_preference_missing_rejected(tmp):
     return args, [f"{path}:2"]
 
 
+def case_orpo_without_pairs(tmp):
+    (tmp / "sft.jsonl").write_text(lines(*[GOOD_ROW] * 4))
+    path = tmp / "unpaired.jsonl"
+    path.write_text(lines(*[{"prompt": f"p{i}", "completion": "a", "label": i % 2 == 0} for i in range(4)]))
+    config = make_config(tmp, [tmp / "sft.jsonl", path], dpo={"enabled": True, "method": "orpo"})
+    return ["stage", "data-prep", "--config", config, "--output", tmp / "out"], [
+        str(path), "no preference pairs to train ORPO on", "unpaired rows train dpo.method: kto only"]
+
+
 def case_unknown_format(tmp):
     args, path = data_case(tmp, "d.jsonl", lines({"foo": 1, "bar": 2}))
     return args, [str(path), "unknown row format", "bar, foo"]
@@ -312,6 +321,21 @@ def case_config_unknown_backend(tmp):
 def case_config_padding_free_dpo(tmp):
     path = edited_config(tmp, lambda c: c["dpo"].update(batching="padding_free"))
     return ["validate", path], [str(path), "dpo.batching", "use grouped or auto"]
+
+
+def case_config_dpo_loss_with_another_method(tmp):
+    path = edited_config(tmp, lambda c: c["dpo"].update(method="orpo", loss_type="ipo"))
+    return ["validate", path], [str(path), "dpo.loss_type is a DPO loss; dpo.method is orpo"]
+
+
+def case_config_unknown_preference_method(tmp):
+    path = edited_config(tmp, lambda c: c["dpo"].update(method="ppo"))
+    return ["validate", path], [str(path), "dpo.method", "'ppo'", "simpo"]
+
+
+def case_config_kto_batch_of_one(tmp):
+    path = edited_config(tmp, lambda c: c["dpo"].update(method="kto", batch_size=1))
+    return ["validate", path], [str(path), "dpo.batch_size must be at least 2 for dpo.method kto"]
 
 
 def case_config_unknown_batching(tmp):

@@ -1,6 +1,7 @@
 """Each training stage alone and the whole chain on the tiny model."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -159,6 +160,71 @@ def test_dpo_after_lora_sft_uses_the_sft_adapter_as_reference(prepared, tmp_path
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
     assert manifest["lineage"]["adapter_base"] == "base_model" and "eval_rewards/margins" in manifest["metrics"]
     assert not (tmp_path / "dpo" / "ref").exists()  # only the trained adapter is saved
+
+
+@pytest.fixture(scope="module")
+def sft_output(prepared, tmp_path_factory):
+    config, data = prepared
+    folder = tmp_path_factory.mktemp("sft") / "sft"
+    result = cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", folder)
+    assert result.exit_code == 0, result.stderr
+    return folder
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo", "cpo"])
+def test_preference_methods_train_and_go_through_merge_evaluate_register(prepared, sft_output, tmp_path, method):
+    config, data = prepared
+    # Its own workdir, so its own registry: each method's model is the first one registered.
+    common = ["--config", config, "--set", f"dpo.method={method}", "--set", "dpo.enabled=true",
+              "--set", f"workdir={tmp_path / 'work'}"]
+    trained = cli("stage", "dpo", *common, "--input", f"data={data}", "--input", f"model={sft_output}",
+                  "--output", tmp_path / "dpo", "--set", "dpo.max_steps=3", "--set", "dpo.logging_steps=1")
+    assert trained.exit_code == 0, trained.stderr[-3000:]
+    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
+    lineage = manifest["lineage"]
+    assert lineage["preference_method"] == method and lineage["adapter_base"] == "sft"
+    assert lineage["reference_logps"] == ("in every step" if method == "kto" else f"none: {method} has no reference model")
+    assert lineage["beta"] == (2.0 if method == "simpo" else 0.1)
+    if method == "kto":  # each of the 14 training pairs is a good and a bad answer: equal weights
+        assert (lineage["kto_good_answers"], lineage["kto_bad_answers"], lineage["desirable_weight"]) == (14, 14, 1.0)
+    losses = [e["loss"] for e in json.loads((tmp_path / "dpo" / "train_history.json").read_text()) if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # The new adapter's B matrices start at zero: trained ones are not.
+    adapter = load_file(tmp_path / "dpo" / "adapter_model.safetensors")
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+    merged = cli("stage", "merge", *common, "--input", f"model={tmp_path / 'dpo'}", "--input", f"base={sft_output}",
+                 "--output", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.stderr[-3000:]
+    evaluated = cli("stage", "evaluate", *common, "--input", f"data={data}", "--input", f"model={tmp_path / 'merged'}",
+                    "--input", f"sft={sft_output}", "--input", f"dpo={tmp_path / 'dpo'}", "--output", tmp_path / "evaluate")
+    assert evaluated.exit_code == 0, evaluated.stderr[-3000:]
+    scores = json.loads(evaluated.stdout)["metrics"]
+    assert 0 <= scores["candidate"]["preference_accuracy"] <= 1
+    registered = cli("stage", "register", *common, "--input", f"evaluation={tmp_path / 'evaluate'}",
+                     "--input", f"model={tmp_path / 'merged'}", "--output", tmp_path / "register")
+    assert registered.exit_code == 0, registered.stderr[-3000:]
+    decision = json.loads(registered.stdout)["metrics"]["decision"]
+    assert decision["promoted"] is True, decision
+
+
+def test_kto_trains_on_unpaired_rows_alone(tmp_path):
+    unpaired = [{"prompt": f"Extract the name as JSON.\n\nPerson{i} lives in City{i}.",
+                 "completion": json.dumps({"name": f"Person{i}"}) if i % 3 else f"The name is Person{i}.", "label": i % 3 > 0}
+                for i in range(24)]
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(12)),
+                                    write_jsonl(tmp_path / "unpaired.jsonl", unpaired)],
+                         dpo={"enabled": True, "method": "kto", "max_steps": 2})
+    data, sft = tmp_path / "data", tmp_path / "sft"
+    for stage, output, inputs in [("data-prep", data, []), ("sft", sft, [f"--input=data={data}"]),
+                                  ("dpo", tmp_path / "dpo", [f"--input=data={data}", f"--input=model={sft}"])]:
+        result = cli("stage", stage, "--config", config, *inputs, "--output", output)
+        assert result.exit_code == 0, (stage, result.stderr[-3000:])
+    lineage = json.loads((tmp_path / "dpo" / "manifest.json").read_text())["lineage"]
+    # 2 of 3 answers are good: the bad ones weigh twice as much, as KTO's paper balances them.
+    good, bad = lineage["kto_good_answers"], lineage["kto_bad_answers"]
+    assert good + bad == json.loads((tmp_path / "data" / "manifest.json").read_text())["metrics"]["unpaired_train"]
+    assert good > bad and lineage["undesirable_weight"] == pytest.approx(good / bad) and lineage["desirable_weight"] == 1.0
 
 
 def test_the_likelihood_guard_stops_dpo_that_pushes_the_chosen_answers_down(prepared, tmp_path):

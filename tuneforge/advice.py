@@ -52,5 +52,6 @@ def hyperparameter_warnings(config: Config) -> list[str]:
         # DPO trains a LoRA adapter whatever sft.method was; the table gives its beta, not its learning rate.
         found += [w for w in _training("dpo", config.dpo, "lora", _processes(config, "dpo"))
                   if w and not w.startswith("dpo.learning_rate")]
-        found.append(_outside("dpo.beta", config.dpo.beta, *DPO_BETA, "DPO's beta"))
+        if config.dpo.method == "dpo":  # the table's beta range is DPO's; the other methods' betas scale otherwise
+            found.append(_outside("dpo.beta", config.dpo.beta_value, *DPO_BETA, "DPO's beta"))
     return [w for w in found if w]

@@ -184,11 +184,20 @@ class SftSettings(TrainSettings):
 
 
 class DpoSettings(TrainSettings):
-    enabled: bool = Field(True, description="Run DPO after SFT (needs preference pairs in the data).")
+    enabled: bool = Field(True, description="Run preference tuning after SFT (needs preference pairs in the data; "
+                          "for kto, pairs or unpaired prompt/completion/label rows).")
+    method: Literal["dpo", "kto", "orpo", "simpo", "cpo"] = Field(
+        "dpo", description="The preference method, each by TRL's trainer. dpo and kto train against a reference (the SFT "
+        "model); orpo, simpo and cpo need none. kto learns from answers labelled good or bad one at a time: the unpaired "
+        "rows, and each pair as a good and a bad answer.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (lower: further).")
+    beta: float | None = Field(
+        None, gt=0, description="dpo, kto: how far the policy may move from the reference (lower: further); orpo: the "
+        "weight of the odds-ratio term (the paper's lambda); simpo, cpo: the reward scale. null: 2.0 for simpo (its "
+        "paper's), 0.1 for the others (TRL's).")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin over beta (TRL's default).")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sigmoid_norm"] = Field(
-        "sigmoid", description="TRL's DPO loss: sigmoid is the DPO paper's.")
+        "sigmoid", description="TRL's DPO loss (method dpo): sigmoid is the DPO paper's.")
     max_chosen_logp_drop: float | None = Field(
         10.0, gt=0, description="The likelihood guard: stop when the policy's mean log-probability of the chosen answers "
         "on the held-out pairs falls more than this many nats (summed over an answer) below the reference's, and keep "
@@ -210,6 +219,32 @@ class DpoSettings(TrainSettings):
             raise ValueError("padding_free is for sft: TRL's DPOTrainer has no padding-free batches; use grouped or "
                              "auto (dpo.shared_prompt already computes each prompt once)")
         return value
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> DpoSettings:
+        if self.method == "dpo":
+            return self
+        if self.loss_type != "sigmoid":
+            raise ValueError(f"dpo.loss_type is a DPO loss; dpo.method is {self.method}: remove dpo.loss_type or set "
+                             "dpo.method: dpo")
+        if self.rpo_alpha is not None:
+            raise ValueError(f"dpo.rpo_alpha adds an NLL term to DPO; dpo.method is {self.method} (orpo and cpo have "
+                             "their own NLL term): remove dpo.rpo_alpha or set dpo.method: dpo")
+        if self.method == "kto" and self.batch_size < 2:
+            raise ValueError("dpo.batch_size must be at least 2 for dpo.method kto: its KL estimate pairs each row with "
+                             "another answer in the same batch")
+        if self.batching == "grouped":
+            raise ValueError(f"dpo.batching: grouped is for dpo.method dpo; TRL's {self.method} trainer batches its "
+                             "rows itself: use auto or padded")
+        return self
+
+    @property
+    def beta_value(self) -> float:
+        return self.beta if self.beta is not None else (2.0 if self.method == "simpo" else 0.1)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method in ("dpo", "kto")
 
 
 class MergeSettings(Strict):

@@ -246,8 +246,13 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
 
     if not splits["sft"][0]:
         raise empty_split_error("SFT training rows", sources, ("alpaca", "messages", "sharegpt", "prompt/completion", "text"))
-    if config.dpo.enabled and not splits["preference"][0]:
-        raise empty_split_error("preference pairs to train DPO on (dpo.enabled is true)", sources, ("preference",))
+    if config.dpo.enabled and config.dpo.method == "kto":
+        if not splits["preference"][0] and not splits["unpaired"][0]:
+            raise empty_split_error("rows to train KTO on (dpo.method is kto)", sources, ("preference", "unpaired"))
+    elif config.dpo.enabled and not splits["preference"][0]:
+        unpaired = " (unpaired rows train dpo.method: kto only)" if splits["unpaired"][0] else ""
+        raise empty_split_error(f"preference pairs to train {config.dpo.method.upper()} on (dpo.enabled is true)"
+                                + unpaired, sources, ("preference",))
     for stats in sources.values():
         if stats["rows_read"] and not sum(stats["kept"].values()):
             reasons = ", ".join(f"{n} {reason} ({REMEDIES.get(reason, '')})" for reason, n in stats["dropped"].items())

@@ -1,8 +1,10 @@
-"""Stage dpo: preference tuning with trl's DPOTrainer on top of the SFT result, with LoRA.
+"""Stage dpo: preference tuning on top of the SFT result, with LoRA, by one of TRL's trainers (`dpo.method`):
+dpo (DPOTrainer), kto (KTOTrainer: answers labelled good or bad one at a time), orpo (ORPOTrainer), simpo and cpo
+(CPOTrainer). orpo, simpo and cpo have no reference model.
 
-Inputs: data (a data-prep output with preference pairs), model (an sft output).
-Reference model: after LoRA SFT, the SFT adapter itself (trl keeps a frozen copy and trains the other);
-after full SFT, the SFT model with the new DPO adapter switched off. No second model is loaded either way.
+Inputs: data (a data-prep output with preference pairs, or for kto pairs or unpaired rows), model (an sft output).
+Reference model (dpo, kto): after LoRA SFT, the SFT adapter itself (trl keeps a frozen copy and trains the other);
+after full SFT, the SFT model with the new adapter switched off. No second model is loaded either way.
 Backends and processes as for sft (`dpo.backend`, `dpo.distributed`); with Unsloth, its PatchDPOTrainer step.
 The likelihood guard (`dpo.max_chosen_logp_drop`, training.LikelihoodGuard) stops a run that pushes the chosen answers'
 log-probability far below the reference's and keeps the last checkpoint within the margin; `dpo.rpo_alpha` adds
@@ -249,28 +251,124 @@ def shared_prompt_difference(causal_lm, shared: SharedPrompt, pad_id: int) -> fl
     return (two.log_probs.float() - one.log_probs.float()).abs().max().item()
 
 
+# dpo.method: where TRL keeps its trainer and config (ORPO and CPO live in trl.experimental since TRL 1.0).
+TRAINERS = {
+    "dpo": ("trl", "DPOConfig", "DPOTrainer"),
+    "kto": ("trl", "KTOConfig", "KTOTrainer"),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "simpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+    "cpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+}
+
+
+def trl_classes(method: str):
+    import importlib
+    import warnings
+
+    module, config_class, trainer_class = TRAINERS[method]
+    with warnings.catch_warnings():  # trl.experimental warns on import that its API may change: pinned here
+        warnings.simplefilter("ignore")
+        loaded = importlib.import_module(module)
+    return getattr(loaded, config_class), getattr(loaded, trainer_class)
+
+
+def method_options(settings, train) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The method's own TRL config options, and what of them goes into the lineage."""
+    beta = settings.beta_value
+    if settings.method == "simpo":  # TRL's recipe for SimPO: CPO's trainer, its simpo loss, no BC term
+        return {"beta": beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": settings.simpo_gamma}, \
+            {"beta": beta, "simpo_gamma": settings.simpo_gamma}
+    if settings.method == "kto":
+        # KTO's paper: the weighted good and bad answers should be about equally many (TRL warns otherwise), so the
+        # rarer kind gets the larger weight.
+        good = sum(train["label"])
+        bad = len(train) - good
+        weights = {"desirable_weight": max(1.0, bad / good) if good else 1.0,
+                   "undesirable_weight": max(1.0, good / bad) if bad else 1.0}
+        # TRL's KL estimate pairs each row with its neighbours in a fixed-order batch: the rows are shuffled once here
+        # (unpaired_split lists each pair's two answers together) and then read in order.
+        return {"beta": beta, "train_sampling_strategy": "sequential", **weights}, \
+            {"beta": beta, "kto_good_answers": good, "kto_bad_answers": bad, **weights}
+    return {"beta": beta}, {"beta": beta}
+
+
+def answer_lengths(dataset, tokenizer, method: str) -> list[tuple[int, ...]]:
+    """Token counts of each row: (prompt, completion) for kto, (prompt, chosen, rejected) otherwise."""
+    columns = ("prompt", "completion") if method == "kto" else ("prompt", "chosen", "rejected")
+
+    def count(texts):
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if len(texts) else []
+
+    return list(zip(*(count(dataset[c]) for c in columns), strict=True))
+
+
+def configure_dpo(trainer, settings, lineage: dict[str, Any], backend: str, max_length: int, quantized: bool,
+                  has_eval: bool):
+    """DPO's own speed-ups on a built DPOTrainer: the shared prompt (when the probe allows) and the batching choice,
+    recorded in the lineage. Returns what counts the padding, and the share of tokens trained on."""
+    lengths = _pair_lengths(trainer.train_dataset)
+    shared = None
+    if backend == "unsloth":
+        lineage["attention"] = "unsloth"
+        lineage["shared_prompt"] = "off: Unsloth's DPO step has its own forward"
+    else:
+        # The shared row of a pair is prompt + chosen + rejected + 1 tokens long.
+        longest = max((p + c + r + 1) if settings.shared_prompt else p + max(c, r) for p, c, r in lengths)
+        lineage["attention"] = training.choose_attention(trainer.model, settings, longest)
+        shared, lineage["shared_prompt"] = share_prompts(trainer, settings, max_length,
+                                                         can_probe=not (quantized and not torch.cuda.is_available()))
+    log.info("prompt computed once per pair: %s", lineage["shared_prompt"])
+
+    def row_length(p: int, c: int, r: int) -> int:  # of a pair's shared row, or of its longer TRL row
+        return p + c + r + 1 if shared else p + max(c, r)
+
+    batched_lengths = [row_length(*pair) for pair in lengths]
+    # TRL's DPO has no padding-free batches: auto groups rows by length where random batches would pad much.
+    batching, lineage["batching_reason"] = training.choose_batching(
+        settings, trainer.model, lineage["attention"], batched_lengths, padding_free=False)
+    lineage["batching"] = batching
+    log.info("batching: %s (%s)", batching, lineage["batching_reason"])
+    if batching == "grouped":
+        trainer.args.train_sampling_strategy = "group_by_length"
+        trainer.train_dataset = trainer.train_dataset.add_column("length", batched_lengths)
+        if has_eval:
+            trainer.eval_dataset = trainer.eval_dataset.add_column(
+                "length", [row_length(*pair) for pair in _pair_lengths(trainer.eval_dataset)])
+    # With the shared prompt, the padding of the rows actually computed is counted by SharedPrompt.
+    padding = shared
+    if padding is None:
+        trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
+    # Both answers are trained on; their prompt is not.
+    answer_tokens = sum(c + r for _, c, r in lengths)
+    return padding, answer_tokens / (answer_tokens + sum(2 * p for p, _, _ in lengths))
+
+
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     settings = config.dpo
+    method = settings.method
     if distributed.needs_launch(settings):
         return distributed.launch(STAGE, config, inputs, output)
     from peft import PeftModel
 
     backend, why = backends.choose(settings, STAGE, distributed.world_size())
     log.info("backend: %s (%s)", backend, why)
-    if backend == "unsloth":
+    if backend == "unsloth":  # Unsloth's patch serves all of TRL's preference trainers
         backends.patch_dpo_trainer()
-    from trl import DPOConfig, DPOTrainer
+    method_config, method_trainer = trl_classes(method)
 
     data_dir, sft_dir = Path(inputs["data"]), Path(inputs["model"])
     data_manifest = storage.read_manifest(data_dir, "data-prep")
     sft_manifest = storage.read_manifest(sft_dir, "sft")
     if sft_manifest["lineage"]["chat_template_sha256"] != data_manifest["lineage"]["chat_template_sha256"]:
         raise SetupError(f"{sft_dir} was trained with another chat template than {data_dir} records")
-    train, evaluation = prepared.preference_split(data_dir, "train"), prepared.preference_split(data_dir, "eval")
+    split = prepared.unpaired_split if method == "kto" else prepared.preference_split
+    train, evaluation = split(data_dir, "train"), split(data_dir, "eval")
+    if method == "kto":
+        train = train.shuffle(seed=settings.seed)
     if len(train) == 0:
-        raise SetupError(
-            f"{data_dir}: no preference pairs to train on; add prompt/chosen/rejected data or set dpo.enabled: false"
-        )
+        wanted = "preference pairs or unpaired prompt/completion/label rows" if method == "kto" else \
+            "preference pairs (prompt/chosen/rejected)"
+        raise SetupError(f"{data_dir}: nothing to train dpo.method {method} on; add {wanted} or set dpo.enabled: false")
     has_eval = len(evaluation) > 0
     quantized = sft_manifest["lineage"]["method"] == "qlora"
     if quantized and has_eval and not torch.cuda.is_available():
@@ -298,35 +396,37 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
 
     guard = None
-    if settings.max_chosen_logp_drop is not None:
+    if settings.max_chosen_logp_drop is not None and settings.needs_reference:
         if has_eval:
-            guard = training.LikelihoodGuard(settings.max_chosen_logp_drop, settings.beta)
+            guard = training.LikelihoodGuard(settings.max_chosen_logp_drop, settings.beta_value)
         else:
             log.warning("the likelihood guard is off: there are no held-out pairs to watch (data.eval_fraction 0?)")
-    # RPO: TRL's NLL term on the chosen answers, next to the DPO loss.
-    losses = {"loss_type": [settings.loss_type, "sft"], "loss_weights": [1.0, settings.rpo_alpha]} if settings.rpo_alpha \
-        else {"loss_type": [settings.loss_type]}
+    options, method_lineage = method_options(settings, train)
+    if method == "dpo":
+        # RPO: TRL's NLL term on the chosen answers, next to the DPO loss.
+        options.update({"loss_type": [settings.loss_type, "sft"], "loss_weights": [1.0, settings.rpo_alpha]}
+                       if settings.rpo_alpha else {"loss_type": [settings.loss_type]})
+        options["remove_unused_columns"] = False  # keeps the length column the length-grouped sampler reads
 
     # The reference's log-probabilities of a pair do not change: when the run passes over the pairs more than once,
     # TRL computes them once before training instead of in every step.
     steps = settings.max_steps if settings.max_steps > 0 else math.ceil(len(train) / settings.batch_size) * settings.epochs
     passes = steps * settings.batch_size * settings.grad_accum / len(train)
-    precompute = passes > 1 and backend == "hf"
-    args = DPOConfig(
+    precompute = passes > 1 and backend == "hf" and method == "dpo"
+    if method == "dpo":
+        options["precompute_ref_log_probs"] = precompute
+    args = method_config(**{
         **training.trainer_arguments(settings, checkpoints, has_eval, quantized=quantized,
                                      guard_every=_guard_every(settings, len(train)) if guard else None),
-        beta=settings.beta,
-        max_length=config.data.max_length,
-        precompute_ref_log_probs=precompute,
-        remove_unused_columns=False,  # keeps the length column the length-grouped sampler reads
-        **losses,
-    )
+        "max_length": config.data.max_length, **options})
     lineage = tracking.inherit_lineage(sft_manifest, config, inputs)
+    reference = ("once, before training" if precompute else "in every step") if settings.needs_reference else \
+        f"none: {method} has no reference model"
     lineage.update(backend=backend, backend_reason=why, method="lora", adapter_base=adapter_base,
-                   reference_logps="once, before training" if precompute else "in every step",
+                   preference_method=method, **method_lineage, reference_logps=reference,
                    **distributed.describe(settings))
     with training.stage_outputs(config, STAGE, lineage, output) as (tracker, out):
-        trainer = DPOTrainer(
+        trainer = method_trainer(
             model=model,
             args=args,
             train_dataset=train,
@@ -335,44 +435,21 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             peft_config=peft_config,
             callbacks=training.callbacks(settings, "dpo/", tracker, config.storage.endpoint_url) + ([guard] if guard else []),
         )
-        lengths = _pair_lengths(trainer.train_dataset)
-        shared = None
-        if backend == "unsloth":
-            lineage["attention"] = "unsloth"
-            lineage["shared_prompt"] = "off: Unsloth's DPO step has its own forward"
+        if method == "dpo":
+            padding, trained_fraction = configure_dpo(trainer, settings, lineage, backend, config.data.max_length,
+                                                      quantized, has_eval)
         else:
-            # The shared row of a pair is prompt + chosen + rejected + 1 tokens long.
-            longest = max((p + c + r + 1) if settings.shared_prompt else p + max(c, r) for p, c, r in lengths)
-            lineage["attention"] = training.choose_attention(trainer.model, settings, longest)
-            shared, lineage["shared_prompt"] = share_prompts(trainer, settings, config.data.max_length,
-                                                             can_probe=not (quantized and not torch.cuda.is_available()))
-        log.info("prompt computed once per pair: %s", lineage["shared_prompt"])
-        def row_length(p: int, c: int, r: int) -> int:  # of a pair's shared row, or of its longer TRL row
-            return p + c + r + 1 if shared else p + max(c, r)
-
-        batched_lengths = [row_length(*pair) for pair in lengths]
-        # TRL's DPO has no padding-free batches: auto groups rows by length where random batches would pad much.
-        batching, lineage["batching_reason"] = training.choose_batching(
-            settings, trainer.model, lineage["attention"], batched_lengths, padding_free=False)
-        lineage["batching"] = batching
-        log.info("batching: %s (%s)", batching, lineage["batching_reason"])
-        if batching == "grouped":
-            trainer.args.train_sampling_strategy = "group_by_length"
-            trainer.train_dataset = trainer.train_dataset.add_column("length", batched_lengths)
-            if has_eval:
-                trainer.eval_dataset = trainer.eval_dataset.add_column(
-                    "length", [row_length(*pair) for pair in _pair_lengths(trainer.eval_dataset)])
-        # With the shared prompt, the padding of the rows actually computed is counted by SharedPrompt.
-        padding = shared
-        if padding is None:
-            trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
-        # Both answers are trained on; their prompt is not.
-        answer_tokens = sum(c + r for _, c, r in lengths)
+            lengths = answer_lengths(train, tokenizer, method)
+            lineage["attention"] = "unsloth" if backend == "unsloth" else training.choose_attention(
+                trainer.model, settings, max(p + max(answers) for p, *answers in lengths))
+            lineage["shared_prompt"] = f"off: TRL's {method} trainer has its own forward"
+            lineage["batching"], lineage["batching_reason"] = "padded", f"TRL's {method} trainer batches its rows itself"
+            answer_tokens = sum(sum(answers) for _, *answers in lengths)
+            padding, trained_fraction = None, answer_tokens / (answer_tokens + sum(p * len(a) for p, *a in lengths))
         metrics = training.train_and_save(
-            trainer, stage=STAGE, title="DPO", tracker=tracker, out=out, lineage=lineage, resume=resume,
+            trainer, stage=STAGE, title=method.upper(), tracker=tracker, out=out, lineage=lineage, resume=resume,
             has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir,
             adapter_base=config.base_model.source if adapter_base == "base_model" else "sft",
-            trained_token_fraction=answer_tokens / (answer_tokens + sum(2 * p for p, _, _ in lengths)), guard=guard,
-            padding=padding, selected_adapters=["default"])
+            trained_token_fraction=trained_fraction, guard=guard, padding=padding, selected_adapters=["default"])
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)

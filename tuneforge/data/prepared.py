@@ -66,3 +66,16 @@ def preference_split(data_dir: Path, split: str):
     if path.stat().st_size == 0:
         return Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
     return Dataset.from_json(str(path))
+
+
+def unpaired_split(data_dir: Path, split: str):
+    """The rows of a split that KTO learns from, as a datasets.Dataset (prompt, completion, label): the unpaired rows,
+    and each preference pair as its chosen answer (label true) and its rejected one (label false)."""
+    from datasets import Dataset
+
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"])}
+            for r in read_jsonl(Path(data_dir) / f"unpaired_{split}.jsonl")]
+    for pair in read_jsonl(Path(data_dir) / f"preference_{split}.jsonl"):
+        rows += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                 {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    return Dataset.from_dict({key: [r[key] for r in rows] for key in ("prompt", "completion", "label")})
