@@ -43,8 +43,8 @@ class Stage:
 COMMON_SECTIONS = ("name", "workdir", "base_model", "data", "tracking", "storage")
 
 STAGES = (
-    # dpo.enabled: whether preference pairs are needed (an empty preference split is then an error).
-    Stage("data-prep", output="data", reads=("dpo.enabled",)),
+    # dpo.enabled, dpo.method: which rows are needed (preference pairs; for kto, pairs or unpaired rows).
+    Stage("data-prep", output="data", reads=("dpo.enabled", "dpo.method")),
     Stage("sft", requires=("data",), output="model", trains=True, reads=("sft",)),
     # dpo reloads the base as sft.method trained it (4 bits after QLoRA).
     Stage("dpo", requires=("data", "model"), output="model", trains=True, reads=("sft", "dpo")),
