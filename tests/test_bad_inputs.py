@@ -338,6 +338,45 @@ def case_config_kto_batch_of_one(tmp):
     return ["validate", path], [str(path), "dpo.batch_size must be at least 2 for dpo.method kto"]
 
 
+def case_config_unknown_reward(tmp):
+    path = edited_config(tmp, lambda c: c.update(grpo={"enabled": True, "rewards": [{"type": "bleu"}]}))
+    return ["validate", path], [str(path), "grpo.rewards.0.type", "'bleu'", "json_valid"]
+
+
+def case_config_reward_code_not_allowed(tmp):
+    path = edited_config(tmp, lambda c: c.update(grpo={"enabled": True, "rewards": [
+        {"type": "exact"}, {"type": "python", "function": "my_rewards:score"}]}))
+    return ["validate", path], [str(path), "grpo.rewards.1.function 'my_rewards:score' runs code from the config",
+                                "grpo.allow_code: true"]
+
+
+def case_config_reward_bad_regex(tmp):
+    path = edited_config(tmp, lambda c: c.update(grpo={"enabled": True, "rewards": [{"type": "regex", "pattern": "(a"}]}))
+    return ["validate", path], [str(path), "grpo.rewards.0", "'(a' is not a regular expression"]
+
+
+def case_config_schema_reward_without_schema(tmp):
+    path = edited_config(tmp, lambda c: c.update(grpo={"enabled": True, "rewards": [{"type": "json_schema"}]}))
+    return ["validate", path], [str(path), "grpo.rewards.0", "a json_schema reward needs `json_schema`"]
+
+
+def case_config_grpo_batch_not_whole_groups(tmp):
+    path = edited_config(tmp, lambda c: c.update(grpo={"enabled": True, "batch_size": 6, "num_generations": 4}))
+    return ["validate", path], [str(path), "grpo.batch_size (6) must be a multiple of grpo.num_generations (4)"]
+
+
+def case_config_dpo_and_grpo(tmp):
+    path = edited_config(tmp, lambda c: (c["dpo"].update(enabled=True), c.update(grpo={"enabled": True})))
+    return ["validate", path], [str(path), "dpo.enabled and grpo.enabled"]
+
+
+def case_grpo_reward_function_missing(tmp):
+    config = make_config(tmp, [EXAMPLES / "data" / "extract_train.jsonl"], grpo={
+        "enabled": True, "allow_code": True, "rewards": [{"type": "python", "function": "no_such_module:f"}]})
+    return ["stage", "grpo", "--config", config, "--input", f"data={tmp / 'data'}", "--output", tmp / "out"], [
+        "grpo.rewards.0.function 'no_such_module:f' cannot be loaded", "No module named 'no_such_module'"]
+
+
 def case_config_unknown_batching(tmp):
     path = edited_config(tmp, lambda c: c["sft"].update(batching="sorted"))
     return ["validate", path], [str(path), "sft.batching", "'sorted'", "padding_free"]

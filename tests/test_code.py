@@ -30,7 +30,7 @@ def test_every_stage_has_one_module_with_run():
     for spec in stages.STAGES:
         module = importlib.import_module(spec.module)
         assert module.STAGE == spec.name and callable(module.run)
-    assert stages.TRAINING == ("sft", "dpo")
+    assert stages.TRAINING == ("sft", "dpo", "grpo")
 
 
 def test_every_config_key_is_described():

@@ -132,6 +132,23 @@ def test_schedule_creates_a_recurring_run_with_kfp_cron(kfp_api):
     assert bad.exit_code == 2 and "expected 5 fields" in bad.stderr
 
 
+def test_grpo_takes_dpos_place_after_sft(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    assert cli("compile", EXAMPLES / "quickstart-grpo.yaml", "-o", out).exit_code == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert "exec-grpo" in _executors(spec) and "exec-dpo" not in _executors(spec)
+    dags = {name: component["dag"]["tasks"] for name, component in spec["components"].items() if "dag" in component}
+    stages = dags["comp-exit-handler-1"]
+    assert stages["grpo"]["dependentTasks"] == ["data-prep", "sft"]
+    assert {"merge", "merge-sft"} <= set(stages)  # the SFT model and GRPO's are both scored; the better one goes on
+    evaluate = stages["evaluate"]["inputs"]["artifacts"]
+    assert evaluate["grpo_model"]["taskOutputArtifact"]["producerTask"] == "grpo"
+    winner = "inputs.parameter_values['pipelinechannel--evaluate-Output']"
+    conditions = sorted(task["triggerPolicy"]["condition"] for dag in dags.values() for task in dag.values()
+                        if "triggerPolicy" in task and "evaluate-Output" in task["triggerPolicy"].get("condition", ""))
+    assert conditions == [f"!({winner} == 'sft') && {winner} == 'grpo'", f"{winner} == 'sft'"]
+
+
 def _task_inputs(path) -> dict[str, str]:
     spec = next(yaml.safe_load_all(path.read_text()))
     tasks = {name: task for component in spec["components"].values() for name, task in component.get("dag", {}).get("tasks", {}).items()}

@@ -208,6 +208,54 @@ def test_preference_methods_train_and_go_through_merge_evaluate_register(prepare
     assert decision["promoted"] is True, decision
 
 
+GRPO_REWARDS = "grpo.rewards=[{type: length, max_chars: 8}, {type: regex, pattern: '[aeiou]', weight: 0.5}, {type: exact}]"
+
+
+def test_grpo_trains_on_rewards_and_goes_through_merge_evaluate_register(prepared, sft_output, tmp_path):
+    config, data = prepared
+    # The tiny model's answers are random tokens: rewards that vary between them (length, a regex) give GRPO a signal.
+    common = ["--config", config, "--set", "grpo.enabled=true", "--set", f"workdir={tmp_path / 'work'}",
+              "--set", GRPO_REWARDS]
+    trained = cli("stage", "grpo", *common, "--input", f"data={data}", "--input", f"model={sft_output}",
+                  "--output", tmp_path / "grpo", "--set", "grpo.max_steps=3", "--set", "grpo.max_completion_length=12")
+    assert trained.exit_code == 0, trained.stderr[-3000:]
+    manifest = json.loads((tmp_path / "grpo" / "manifest.json").read_text())
+    assert manifest["lineage"]["adapter_base"] == "sft" and manifest["lineage"]["starting_model"] == "sft"
+    assert manifest["lineage"]["prompts"] == 36 and manifest["lineage"]["max_completion_length"] == 12
+    history = [e for e in json.loads((tmp_path / "grpo" / "train_history.json").read_text()) if "reward" in e]
+    assert [e["step"] for e in history] == [1, 2, 3]
+    for entry in history:  # per step: each reward, the total, the KL and the answers' length
+        assert {"rewards/length/mean", "rewards/regex/mean", "rewards/exact/mean", "kl", "completions/mean_length"} <= set(entry)
+        assert math.isfinite(entry["loss"]) and -1e9 < entry["reward"] <= 1.5
+    assert manifest["metrics"]["reward_first_step"] == history[0]["reward"]
+    assert (tmp_path / "grpo" / "rewards.png").stat().st_size > 10_000
+    adapter = load_file(tmp_path / "grpo" / "adapter_model.safetensors")
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained: B starts at zero
+
+    merged = cli("stage", "merge", *common, "--input", f"model={tmp_path / 'grpo'}", "--input", f"base={sft_output}",
+                 "--output", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.stderr[-3000:]
+    evaluated = cli("stage", "evaluate", *common, "--input", f"data={data}", "--input", f"model={tmp_path / 'merged'}",
+                    "--input", f"sft={sft_output}", "--input", f"grpo={tmp_path / 'grpo'}", "--output", tmp_path / "evaluate")
+    assert evaluated.exit_code == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["metrics"]["trained_by"] == "grpo"
+    registered = cli("stage", "register", *common, "--input", f"evaluation={tmp_path / 'evaluate'}",
+                     "--input", f"model={tmp_path / 'merged'}", "--output", tmp_path / "register")
+    assert registered.exit_code == 0, registered.stderr[-3000:]
+    assert json.loads(registered.stdout)["metrics"]["decision"]["promoted"] is True
+
+
+def test_grpo_starts_from_the_base_model_without_sft(prepared, tmp_path):
+    config, data = prepared
+    trained = cli("stage", "grpo", "--config", config, "--set", "grpo.enabled=true", "--set", GRPO_REWARDS,
+                  "--input", f"data={data}", "--output", tmp_path / "grpo", "--set", "grpo.max_steps=2")
+    assert trained.exit_code == 0, trained.stderr[-3000:]
+    lineage = json.loads((tmp_path / "grpo" / "manifest.json").read_text())["lineage"]
+    assert lineage["starting_model"] == "base" and lineage["adapter_base"] == "base_model"
+    # No max_completion_length set: twice the longest reference answer, in tokens.
+    assert lineage["max_completion_length"] >= 16
+
+
 def test_kto_trains_on_unpaired_rows_alone(tmp_path):
     unpaired = [{"prompt": f"Extract the name as JSON.\n\nPerson{i} lives in City{i}.",
                  "completion": json.dumps({"name": f"Person{i}"}) if i % 3 else f"The name is Person{i}.", "label": i % 3 > 0}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -247,6 +248,74 @@ class DpoSettings(TrainSettings):
         return self.method in ("dpo", "kto")
 
 
+class RewardSettings(Strict):
+    """One verifiable reward of GRPO: a score of each generated answer, weighted into the total."""
+
+    type: Literal["json_valid", "json_schema", "exact", "contains", "regex", "length", "python"] = Field(
+        description="json_valid: 1 if the answer parses as JSON; json_schema: 1 if it parses and matches `json_schema`; exact: "
+        "1 if it equals the row's reference answer (stripped, as evaluate's exact match); contains: 1 if it contains "
+        "the reference answer (case-insensitive); regex: 1 if `pattern` matches it (re.search); length: minus the "
+        "share by which it is longer than `max_chars` (or than the reference answer), 0 when not longer; python: "
+        "`function`, a user reward (needs grpo.allow_code).")
+    weight: float = Field(1.0, description="Its weight in the total reward.")
+    json_schema: dict[str, Any] | str | None = Field(
+        None, description="json_schema: a JSON Schema, inline or the path of a .json file.")
+    pattern: str | None = Field(None, description="regex: the pattern.")
+    max_chars: int | None = Field(None, gt=0, description="length: the length in characters beyond which an answer "
+                                  "loses reward; null: the row's reference answer's length.")
+    function: str | None = Field(
+        None, description="python: 'package.module:name', called as TRL calls reward functions: "
+        "name(prompts=..., completions=..., answer=..., **kwargs) -> list[float].")
+
+    @model_validator(mode="after")
+    def _has_what_its_type_needs(self) -> RewardSettings:
+        needs = {"json_schema": "json_schema", "regex": "pattern", "python": "function"}.get(self.type)
+        if needs and getattr(self, needs) is None:
+            raise ValueError(f"a {self.type} reward needs `{needs}`")
+        if self.type == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} is not a regular expression: {err}") from None
+        if self.type == "python" and ":" not in self.function:
+            raise ValueError(f"function {self.function!r}: expected 'package.module:name'")
+        return self
+
+
+class GrpoSettings(TrainSettings):
+    enabled: bool = Field(False, description="Run GRPO after SFT (stage grpo), instead of dpo: the model generates "
+                          "answers to the SFT rows' prompts and learns from the rewards below.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (of the LoRA adapter).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "constant", description="How the learning rate decays after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the steps spent warming the learning rate up.")
+    batch_size: int = Field(8, gt=0, description="Answers per step (prompts times num_generations).")
+    num_generations: int = Field(4, ge=2, description="Answers generated per prompt: GRPO scores each against the "
+                                 "others of its group.")
+    max_completion_length: int | None = Field(
+        None, gt=0, description="Tokens generated per answer; null: twice the longest reference answer (at least 16).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generated answers.")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the starting model (logged as kl); 0: none.")
+    rewards: list[RewardSettings] = Field(
+        default_factory=lambda: [RewardSettings(type="exact")],
+        description="The rewards, weighted and summed (each also logged on its own).")
+    allow_code: bool = Field(False, description="Allow `python` rewards: they import and run the named function.")
+    logging_steps: int = Field(1, gt=0, description="Log the rewards, KL and answer lengths every N steps.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> GrpoSettings:
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"grpo.batch_size ({self.batch_size}) must be a multiple of grpo.num_generations "
+                             f"({self.num_generations}): each step takes whole groups of answers")
+        for i, reward in enumerate(self.rewards):
+            if reward.type == "python" and not self.allow_code:
+                raise ValueError(f"grpo.rewards.{i}.function {reward.function!r} runs code from the config: set "
+                                 "grpo.allow_code: true to allow it")
+        if not self.rewards:
+            raise ValueError("grpo.rewards is empty: GRPO needs at least one reward")
+        return self
+
+
 class MergeSettings(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the merged weights.")
     max_shard_size: str = Field("2GB", description="safetensors shard size.")
@@ -449,6 +518,8 @@ class Config(Strict):
     sft: SftSettings = Field(default_factory=SftSettings, description="Supervised fine-tuning (stage sft).")
     dpo: DpoSettings = Field(default_factory=lambda: DpoSettings(enabled=False),
                              description="Preference tuning after SFT (stage dpo); off unless enabled.")
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings,
+                               description="GRPO with verifiable rewards after SFT (stage grpo); off unless enabled.")
     merge: MergeSettings = Field(default_factory=MergeSettings, description="Folding the adapter in (stage merge).")
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings,
                                        description="Scoring base and candidate (stage evaluate).")
@@ -465,6 +536,9 @@ class Config(Strict):
     def _check_combinations(self) -> Config:
         if self.sft.method == "qlora" and self.sft.precision == "fp16":
             raise ValueError("sft.precision: fp16 with qlora is unstable; use bf16 or auto")
+        if self.dpo.enabled and self.grpo.enabled:
+            raise ValueError("dpo.enabled and grpo.enabled: a pipeline runs one of them after sft; run GRPO in a second "
+                             "pipeline whose base_model is the first one's merged model")
         for stage in stages.TRAINING:
             settings: TrainSettings = getattr(self, stage)
             if settings.distributed.nodes > 1 and not self.storage.uri:

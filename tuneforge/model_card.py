@@ -39,7 +39,7 @@ def render(result: dict[str, Any], lineage: dict[str, Any], evaluation: dict[str
     lines += ["## Settings that differ from the defaults", "", "| key | value |", "|---|---|"]
     lines += [f"| {key} | `{json.dumps(value)}` |" for key, value in sorted(settings.items())] + [""]
 
-    columns = [c for c in ("base", "champion", "sft", "dpo", "candidate") if c in evaluation]
+    columns = [c for c in ("base", "champion", "sft", "dpo", "grpo", "candidate") if c in evaluation]
     lines += ["## Evaluation (same eval split)", "", "| metric | " + " | ".join(columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
     for metric in evaluation["candidate"]:

@@ -133,12 +133,12 @@ def stage_memory(config: Config, stage: str, gpu: bool = True, chunked_head: boo
     shape = shape_of(config)
     settings = getattr(config, stage)
     method = config.sft.method if stage == "sft" else "lora"
-    quantized = config.sft.method == "qlora"  # dpo reloads the base as sft trained it
+    quantized = config.sft.method == "qlora"  # dpo and grpo reload the base as sft trained it
     if quantized:
         weights = shape.linear_parameters * 0.516 + (shape.parameters - shape.linear_parameters) * 2
     else:
         weights = shape.parameters * 4
-    if stage == "dpo" and config.sft.method == "full":
+    if stage in ("dpo", "grpo") and config.sft.method == "full":
         weights = shape.parameters * 4  # the full SFT model, a new adapter on top
     train = trainable(shape, settings, method)
     optimizer = 2 if quantized and gpu else 8  # paged 8-bit AdamW for QLoRA on a GPU
@@ -178,8 +178,8 @@ def plan(config: Config, gpu_type: str | None = None) -> dict[str, Any]:
     """For each training stage: memory by part, whether it fits each GPU (or the one asked for), GPU-hours."""
     gpus = {gpu_type: GPUS[gpu_type]} if gpu_type else GPUS
     found: dict[str, Any] = {"model": config.base_model.source, "stages": {}}
-    for stage in ("sft", "dpo"):
-        if stage == "dpo" and not config.dpo.enabled:
+    for stage in ("sft", "dpo", "grpo"):
+        if stage != "sft" and not getattr(config, stage).enabled:
             continue
         memory = stage_memory(config, stage)
         method = config.sft.method if stage == "sft" else "lora"

@@ -38,6 +38,25 @@ def loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def rewards(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """GRPO by step: the total reward and each reward's mean; the KL to the starting model and the answers' length."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    names = sorted({k for e in history for k in e if k.startswith("rewards/") and k.endswith("/mean")})
+    _curves(left, history, {"reward": "total (weighted)", **{k: k.split("/")[1] for k in names}})
+    left.set_ylabel("reward")
+    left.set_title(f"{title} rewards")
+    _curves(right, history, {"kl": "KL to the starting model"})
+    right.set_ylabel("nats per token")
+    lengths = right.twinx()
+    points = [(e["step"], e["completions/mean_length"]) for e in history if "completions/mean_length" in e]
+    if points:
+        lengths.plot(*zip(*points, strict=True), color=GREY, linestyle="--", label="answer length (tokens)")
+        lengths.set_ylabel("tokens")
+        lengths.legend(loc="upper right")
+    right.set_title(f"{title} KL and answer length")
+    _save(fig, path)
+
+
 def loss_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Several training stages' loss curves side by side."""
     fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)

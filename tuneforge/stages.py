@@ -48,12 +48,14 @@ STAGES = (
     Stage("sft", requires=("data",), output="model", trains=True, reads=("sft",)),
     # dpo reloads the base as sft.method trained it (4 bits after QLoRA).
     Stage("dpo", requires=("data", "model"), output="model", trains=True, reads=("sft", "dpo")),
+    # grpo: after sft (model), or from the base model without it; it reloads the base as sft.method trained it.
+    Stage("grpo", requires=("data",), accepts=("model",), output="model", trains=True, reads=("sft", "grpo")),
     Stage("merge", requires=("model",), accepts=("base",), output="model", reads=("merge",)),
     # champion: the registered champion's merged model, re-scored on the same data. sft_merged: the SFT model, scored
     # against DPO's. sft and dpo: the training stages' outputs, read for their loss curves. sft.loss_on decides the
     # held-out loss;
     # registry, whether the candidate beats the base model.
-    Stage("evaluate", requires=("data", "model"), accepts=("champion", "sft_merged", "sft", "dpo"), output="evaluation",
+    Stage("evaluate", requires=("data", "model"), accepts=("champion", "sft_merged", "sft", "dpo", "grpo"), output="evaluation",
           reads=("sft", "evaluate", "registry")),
     Stage("export-gguf", requires=("model",), output="gguf", reads=("export",)),
     # evaluation: the merged model's answers, which the served GGUF's are compared with.

@@ -497,6 +497,11 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
     plots.loss_curve(history, out / "loss_curve.png", title)
     tracker.record(f"artifact {stage}/loss_curve.png", mlflow.log_artifact, str(out / "loss_curve.png"), artifact_path=stage)
+    rewarded = [e for e in history if "reward" in e]  # GRPO: its rewards, not its loss, show what it learned
+    if rewarded:
+        metrics.update(reward_first_step=rewarded[0]["reward"], reward_last_step=rewarded[-1]["reward"])
+        plots.rewards(rewarded, out / "rewards.png", title)
+        tracker.record(f"artifact {stage}/rewards.png", mlflow.log_artifact, str(out / "rewards.png"), artifact_path=stage)
     tracker.record("the final metrics", mlflow.log_metrics,
                    {f"{stage}/final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     if guard is not None:

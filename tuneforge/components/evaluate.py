@@ -191,7 +191,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             else:
                 scored["champion"] = champion_dir
         # With DPO after SFT both trained models are scored, and the better one is the candidate.
-        contenders = {model_manifest["lineage"].get("trained_by", "dpo" if "dpo" in inputs else "sft"): str(model_dir)}
+        after_sft = "dpo" if "dpo" in inputs else "grpo" if "grpo" in inputs else "sft"
+        contenders = {model_manifest["lineage"].get("trained_by", after_sft): str(model_dir)}
         if "sft_merged" in inputs:
             sft_manifest = storage.read_manifest(Path(inputs["sft_merged"]), "merge")
             if sft_manifest["lineage"]["chat_template_sha256"] != recorded:
@@ -205,16 +206,17 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             del model
     results["trained_by"] = next(iter(contenders))
     if len(contenders) > 1:
-        results["winner"], results["winner_reason"] = _better(results["dpo"], results["sft"], config)
+        trained = next(iter(contenders))
+        results["winner"], results["winner_reason"] = _better(trained, results[trained], results["sft"], config)
         log.info("the %s model is the candidate: %s", results["winner"], results["winner_reason"])
         results["candidate"], results["trained_by"] = results[results["winner"]], results["winner"]
         generations["candidate"] = generations[results["winner"]]
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
     models_scored = tuple(scored)
 
-    histories = {k: Path(inputs[k]) / "train_history.json" for k in ("sft", "dpo") if k in inputs}
+    histories = {k: Path(inputs[k]) / "train_history.json" for k in ("sft", "dpo", "grpo") if k in inputs}
     histories = {k: json.loads(v.read_text()) for k, v in histories.items() if v.exists()}
-    trained = {k: storage.read_manifest(Path(inputs[k]), k) for k in ("sft", "dpo") if k in inputs}
+    trained = {k: storage.read_manifest(Path(inputs[k]), k) for k in ("sft", "dpo", "grpo") if k in inputs}
     guard = trained["dpo"]["lineage"].get("likelihood_guard") if "dpo" in trained else None
     candidate_merge = (storage.read_manifest(Path(inputs["sft_merged"]), "merge")
                        if results.get("winner") == "sft" else model_manifest)
@@ -248,13 +250,13 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     return tracker.result(results, output)
 
 
-def _better(dpo: dict[str, float], sft: dict[str, float], config: Config) -> tuple[str, str]:
-    """Which trained model goes on, and why: DPO's, unless it made the primary metric worse than SFT's or broke a
-    registry guard against it."""
-    kept, reasons = registry.not_worse(dpo, sft, config.registry)
+def _better(stage: str, tuned: dict[str, float], sft: dict[str, float], config: Config) -> tuple[str, str]:
+    """Which trained model goes on, and why: the one STAGE (dpo or grpo) tuned after SFT, unless it made the primary
+    metric worse than SFT's or broke a registry guard against it."""
+    kept, reasons = registry.not_worse(tuned, sft, config.registry)
     if kept:
-        return "dpo", "dpo is not worse than sft: " + "; ".join(reasons)
-    return "sft", "dpo made the sft model worse: " + "; ".join(reasons)
+        return stage, f"{stage} is not worse than sft: " + "; ".join(reasons)
+    return "sft", f"{stage} made the sft model worse: " + "; ".join(reasons)
 
 
 def _champion(reference: str | Path, template_sha256: str, scratch: Path,

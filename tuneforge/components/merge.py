@@ -48,7 +48,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     from peft import PeftModel
 
     model_dir = Path(inputs["model"])
-    manifest = storage.read_manifest(model_dir, ("sft", "dpo"))
+    manifest = storage.read_manifest(model_dir, ("sft", "dpo", "grpo"))
     lineage_in = manifest["lineage"]
     tokenizer = models.load_tokenizer(str(model_dir), config.base_model)
     tokenizer.padding_side = "left"

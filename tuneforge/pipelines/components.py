@@ -77,6 +77,15 @@ def dpo(config_json: str, code_version: str, data: Input[Dataset], sft_model: In
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def grpo(config_json: str, code_version: str, data: Input[Dataset], sft_model: Input[Model], model: Output[Model],
+         metrics: Output[Metrics], job_image: str = ""):
+    from tuneforge.pipelines.stage_runner import record_metrics, run_stage
+
+    result = run_stage("grpo", config_json, {"data": data.path, "model": sft_model.path}, model.path, job_image=job_image)
+    record_metrics(metrics, result["metrics"])
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def merge(config_json: str, code_version: str, adapter: Input[Model], model: Output[Model],
           base: Input[Model] = None) -> str:
     """base: the full SFT model a DPO adapter was trained on; absent for the config's base model. Returns the merged
@@ -111,11 +120,11 @@ def champion_to_beat(champion: str, candidate: str) -> str:
 def evaluate(config_json: str, code_version: str, champion: str, data: Input[Dataset], model: Input[Model],
              evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown],
              sft_merged: Input[Model] = None, sft_model: Input[Model] = None,
-             dpo_model: Input[Model] = None) -> str:
+             dpo_model: Input[Model] = None, grpo_model: Input[Model] = None) -> str:
     """champion: where the champion's registered model is (empty: none); re-scored on the same data. sft_merged: with
-    DPO, the SFT model, scored too. Returns which trained model is the candidate (sft or dpo) when it beats the base
-    model, else "" (the champion is decided on at register). One string: kfp.local cannot read a named output in a
-    condition."""
+    DPO or GRPO after SFT, the SFT model, scored too. Returns which trained model is the candidate (sft, dpo or grpo)
+    when it beats the base model, else "" (the champion is decided on at register). One string: kfp.local cannot read
+    a named output in a condition."""
     import json
     import shutil
 
@@ -126,7 +135,8 @@ def evaluate(config_json: str, code_version: str, champion: str, data: Input[Dat
     # The training stages' outputs are read only for their loss curves.
     inputs = {"data": data.path, "model": model.path, "champion": champion,
               "sft_merged": sft_merged.path if sft_merged else "",
-              "sft": sft_model.path if sft_model else "", "dpo": dpo_model.path if dpo_model else ""}
+              "sft": sft_model.path if sft_model else "", "dpo": dpo_model.path if dpo_model else "",
+              "grpo": grpo_model.path if grpo_model else ""}
     result = run_stage("evaluate", config_json, inputs, evaluation.path)
     shutil.copy(f"{evaluation.path}/report.md", report.path)
     scored = [m for m in ("base", "champion", "candidate") if m in result["metrics"]]

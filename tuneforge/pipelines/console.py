@@ -81,7 +81,7 @@ class Console:
         elif found := ERROR.search(line):
             if self.current:
                 self.errors[self.current] = f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2)[:300]}"
-        elif self.current in ("sft", "dpo"):
+        elif self.current in ("sft", "dpo", "grpo"):
             if found := LOSS.search(line):
                 self.loss = found.group(1)
             for part in line.split("\r"):
@@ -114,6 +114,9 @@ def key_metric(stage: str, entry: dict[str, Any]) -> str:
         tripped = "; the likelihood guard tripped" if guard.get("tripped") else ""
         return f"train loss {metrics['train_loss']:.4g}" + (f", eval loss {metrics['eval_loss']:.4g}"
                                                              if "eval_loss" in metrics else "") + tripped
+    if stage == "grpo":
+        return f"reward {metrics['reward_first_step']:.3g} -> {metrics['reward_last_step']:.3g}" \
+            if "reward_first_step" in metrics else f"train loss {metrics['train_loss']:.4g}"
     if stage.startswith("merge"):
         return f"merge check {metrics.get('merge_max_abs_logit_diff', 0):.2g}"
     if stage == "evaluate":

@@ -1,6 +1,7 @@
 """The KFP pipeline: the DAG for a config, and how it runs locally (kfp.local), compiles, is submitted and scheduled.
 
-    data-prep -> sft -> dpo (when enabled) -> merge -> evaluate -> [beats base] -> export-gguf -> serve-check -> register
+    data-prep -> sft -> dpo or grpo (when enabled) -> merge -> evaluate -> [beats base] -> export-gguf -> serve-check
+    -> register
 
 An exit handler closes the pipeline's MLflow run as FAILED when anything fails. Resources, retries with
 backoff, timeouts, caching, secrets as env, the model-cache PVC, GPU node selectors and tolerations and a
@@ -104,7 +105,8 @@ def serve_checked(config: Config) -> bool:
 
 
 def build(config: Config, local: bool = False):
-    """The pipeline function for this config (the DAG's shape follows dpo.enabled, export.enabled, registry.enabled).
+    """The pipeline function for this config (the DAG's shape follows dpo.enabled, grpo.enabled, export.enabled,
+    registry.enabled).
     `local`: for kfp.local on this machine (no retries unless the config sets them)."""
     config_json = config.to_json()
     code_version = tracking.code_version()
@@ -130,10 +132,13 @@ def build(config: Config, local: bool = False):
             data = prep.outputs["data"]
             tuned = stage("sft", c.sft, data=data, **jobs.get("sft", {}))
             adapter, inputs, merge_args = tuned.outputs["model"], {"sft_model": tuned.outputs["model"]}, {}
-            if config.dpo.enabled:
-                preferred = stage("dpo", c.dpo, data=data, sft_model=tuned.outputs["model"], **jobs.get("dpo", {}))
-                adapter = inputs["dpo_model"] = preferred.outputs["model"]
-                if config.sft.method == "full":  # the DPO adapter was trained on the full SFT model
+            after_sft = "dpo" if config.dpo.enabled else "grpo" if config.grpo.enabled else None
+            if after_sft:
+                component = c.dpo if after_sft == "dpo" else c.grpo
+                tuned_after = stage(after_sft, component, data=data, sft_model=tuned.outputs["model"],
+                                    **jobs.get(after_sft, {}))
+                adapter = inputs[f"{after_sft}_model"] = tuned_after.outputs["model"]
+                if config.sft.method == "full":  # the adapter was trained on the full SFT model
                     merge_args["base"] = tuned.outputs["model"]
                 else:  # both are scored and the better one goes on; a full SFT model needs no merge
                     inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=tuned.outputs["model"]).outputs["model"]
@@ -161,7 +166,7 @@ def build(config: Config, local: bool = False):
             if "sft_merged" in inputs:
                 with dsl.If(evaluated.outputs["Output"] == "sft", name="sft-beats-base"):
                     publish(inputs["sft_merged"])
-                with dsl.Elif(evaluated.outputs["Output"] == "dpo", name="dpo-beats-base"):
+                with dsl.Elif(evaluated.outputs["Output"] == after_sft, name=f"{after_sft}-beats-base"):
                     publish(merged.outputs["model"])
             else:
                 with dsl.If(evaluated.outputs["Output"] != "", name="beats-base"):
@@ -318,7 +323,7 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
     if "evaluate" in outputs:
         results = json.loads((outputs["evaluate"] / "manifest.json").read_text())["metrics"]
         keys = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "task_exact_match")
-        scored = [m for m in ("base", "champion", "sft", "dpo", "candidate") if m in results]
+        scored = [m for m in ("base", "champion", "sft", "dpo", "grpo", "candidate") if m in results]
         summary["metrics"] = {m: {k: round(results[m][k], 4) for k in keys if k in results[m]} for m in scored}
         if results.get("champion_error"):
             summary["metrics"]["champion_error"] = results["champion_error"]
