@@ -149,6 +149,31 @@ def test_grpo_takes_dpos_place_after_sft(tmp_path):
     assert conditions == [f"!({winner} == 'sft') && {winner} == 'grpo'", f"{winner} == 'sft'"]
 
 
+def test_a_sweep_fans_out_its_trials_and_selects_one(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    result = cli("compile", EXAMPLES / "quickstart.yaml", "-o", out, "--set", "sweep.parallelism=3",
+                 "--set", "sweep.parameters={sft.learning_rate: [1.0e-4, 3.0e-4], sft.lora.r: [8, 16]}")
+    assert result.exit_code == 0, result.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    stages = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    loop = next(task for task in stages.values() if "parameterIterator" in task)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 3
+    trials = [json.loads(t) for t in json.loads(loop["parameterIterator"]["items"]["raw"])]
+    assert [t["overrides"] for t in trials] == [{"sft.learning_rate": 1e-4, "sft.lora.r": 8},
+                                               {"sft.learning_rate": 1e-4, "sft.lora.r": 16},
+                                               {"sft.learning_rate": 3e-4, "sft.lora.r": 8},
+                                               {"sft.learning_rate": 3e-4, "sft.lora.r": 16}]
+    # Each trial: its config, then sft -> dpo -> merge -> evaluate; the winner is picked from all their evaluations.
+    trial_tasks = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(trial_tasks) == {"trial-config", "sft", "dpo", "merge", "evaluate"}
+    assert trial_tasks["sft"]["inputs"]["parameters"]["config_json"]["taskOutputParameter"]["producerTask"] == "trial-config"
+    select = stages["select-trial"]
+    assert select["dependentTasks"] == [next(n for n, t in stages.items() if t is loop)]
+    assert select["cachingOptions"] == {} or not select["cachingOptions"].get("enableCache")
+    # Only the winner is evaluated against the champion, exported and registered.
+    assert stages["evaluate-2"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "select-trial"
+
+
 def _task_inputs(path) -> dict[str, str]:
     spec = next(yaml.safe_load_all(path.read_text()))
     tasks = {name: task for component in spec["components"].values() for name, task in component.get("dag", {}).get("tasks", {}).items()}

@@ -435,6 +435,64 @@ class StorageSettings(Strict):
         return self
 
 
+# The sections a sweep may vary: those of the stages each trial runs (its own sft, dpo or grpo, and merge).
+SWEEPABLE = ("sft", "dpo", "grpo", "merge")
+
+
+class SweepSettings(Strict):
+    parameters: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Config keys (sft.*, dpo.*, grpo.*, merge.*) and the values to try, e.g. "
+        "{sft.learning_rate: [1e-4, 3e-4], sft.lora.r: [8, 16]}. Empty: no sweep. Each trial trains, merges and "
+        "evaluates on the same eval split; the best goes on to export and register.")
+    method: Literal["grid", "random"] = Field(
+        "grid", description="grid: every combination; random: `trials` combinations drawn with `seed`.")
+    trials: int | None = Field(None, gt=0, description="random: how many combinations; grid: at most this many "
+                               "(an error if the grid is larger). null: the whole grid.")
+    seed: int = Field(0, description="The seed of random's draw.")
+    parallelism: int = Field(2, gt=0, description="Trials running at once on a cluster (kfp.local runs them one after "
+                             "another).")
+    metric: str | None = Field(None, description="The evaluate metric that picks the winner; null: "
+                               "registry.primary_metric (eval_loss and perplexity: lower is better).")
+
+    @field_validator("parameters")
+    @classmethod
+    def _sweepable_keys(cls, parameters: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in parameters.items():
+            if key.split(".")[0] not in SWEEPABLE:
+                raise ValueError(f"{key}: a sweep varies the keys of the stages each trial runs ("
+                                 f"{', '.join(s + '.*' for s in SWEEPABLE)}); data and evaluation stay the same for all")
+            if not values:
+                raise ValueError(f"{key}: no values to try")
+        return parameters
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """Each trial's overrides, in a fixed order."""
+        import itertools
+        import random
+
+        keys = list(self.parameters)
+        grid = [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.parameters.values())]
+        if self.method == "random":
+            return random.Random(self.seed).sample(grid, min(self.trials or len(grid), len(grid)))
+        if self.trials is not None and len(grid) > self.trials:
+            raise ValueError(f"the grid has {len(grid)} trials, more than sweep.trials ({self.trials}): raise it, or "
+                             "set sweep.method: random to draw that many")
+        return grid
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """The config with dotted keys set to values (a sweep trial's), validated again."""
+    raw = config.model_dump(mode="json", exclude_defaults=True)
+    for key, value in overrides.items():
+        node = raw
+        *sections, last = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = value
+    raw.pop("sweep", None)  # a trial is one run, not a sweep of its own
+    return Config.model_validate(raw)
+
+
 class RegistrySettings(Strict):
     enabled: bool = Field(True, description="Register the candidate in the MLflow Model Registry.")
     model_name: str | None = Field(None, description="Registered model name; null: the run name.")
@@ -531,6 +589,8 @@ class Config(Strict):
                                        description="Registration and promotion (stage register).")
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Pods on Kubernetes.")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
+    sweep: SweepSettings = Field(default_factory=SweepSettings,
+                                 description="Several trials of the training stages; the best one is registered.")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
@@ -539,6 +599,12 @@ class Config(Strict):
         if self.dpo.enabled and self.grpo.enabled:
             raise ValueError("dpo.enabled and grpo.enabled: a pipeline runs one of them after sft; run GRPO in a second "
                              "pipeline whose base_model is the first one's merged model")
+        if self.sweep.parameters:
+            for trial in self.sweep.combinations():
+                try:
+                    with_overrides(self, trial)
+                except ValidationError as err:
+                    raise ValueError(f"sweep trial {trial}: {_describe(err.errors()[0])}") from None
         for stage in stages.TRAINING:
             settings: TrainSettings = getattr(self, stage)
             if settings.distributed.nodes > 1 and not self.storage.uri:

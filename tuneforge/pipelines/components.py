@@ -106,6 +106,24 @@ def merge_sft(config_json: str, code_version: str, adapter: Input[Model], model:
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def trial_config(config_json: str, trial: str) -> str:
+    """A sweep trial's config, which its stages get in place of their views: a trial reruns whole when it changes."""
+    from tuneforge.pipelines.stage_runner import trial_config as config_of
+
+    return config_of(config_json, trial)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def select_trial(config_json: str, trials: list, evaluations: Input[list[Artifact]], models: Input[list[Model]],
+                 digests: list, model: Output[Model]) -> NamedTuple("Selected", [("winner", str), ("digest", str)]):
+    """Never cached: the sweep's best trial by its evaluation; its merged model goes on. Each trial is logged as an
+    MLflow run under the pipeline's."""
+    from tuneforge.pipelines.stage_runner import select_trial as select
+
+    return select(config_json, trials, [e.path for e in evaluations], [m.path for m in models], digests, model.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def champion_to_beat(champion: str, candidate: str) -> str:
     """Never cached: where the champion's files are for evaluate to re-score, or empty when there is no champion or it
     is the candidate itself (a rerun of unchanged data): then evaluate's inputs, and its cache key, stay the same."""

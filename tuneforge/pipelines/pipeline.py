@@ -130,24 +130,56 @@ def build(config: Config, local: bool = False):
 
             prep = stage("data-prep", c.data_prep, data_fingerprint=started.outputs["fingerprint"])
             data = prep.outputs["data"]
-            tuned = stage("sft", c.sft, data=data, **jobs.get("sft", {}))
-            adapter, inputs, merge_args = tuned.outputs["model"], {"sft_model": tuned.outputs["model"]}, {}
             after_sft = "dpo" if config.dpo.enabled else "grpo" if config.grpo.enabled else None
-            if after_sft:
-                component = c.dpo if after_sft == "dpo" else c.grpo
-                tuned_after = stage(after_sft, component, data=data, sft_model=tuned.outputs["model"],
-                                    **jobs.get(after_sft, {}))
-                adapter = inputs[f"{after_sft}_model"] = tuned_after.outputs["model"]
-                if config.sft.method == "full":  # the adapter was trained on the full SFT model
-                    merge_args["base"] = tuned.outputs["model"]
-                else:  # both are scored and the better one goes on; a full SFT model needs no merge
-                    inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=tuned.outputs["model"]).outputs["model"]
-            merged = stage("merge", c.merge, adapter=adapter, **merge_args)
-            to_beat = c.champion_to_beat(champion=started.outputs["champion"], candidate=merged.outputs["Output"])
+            after_component = {"dpo": c.dpo, "grpo": c.grpo}.get(after_sft)
+            inputs = {}
+            if config.sweep.parameters:
+                # Each trial trains, merges and evaluates with its own config; the best one's merged model goes on.
+                trials = [json.dumps({"trial": i, "overrides": overrides}, sort_keys=True)
+                          for i, overrides in enumerate(config.sweep.combinations())]
+                # kfp.local runs the trials one after another: on one machine they would only compete for its cores.
+                with dsl.ParallelFor(trials, parallelism=1 if local else config.sweep.parallelism, name="trials") as trial:
+                    trial_config = c.trial_config(config_json=config_json, trial=trial).set_display_name("trial config")
+
+                    def trial_stage(name: str, component, **stage_inputs) -> dsl.PipelineTask:
+                        task = component(config_json=trial_config.output, code_version=code_version, **stage_inputs)
+                        return _configure(task, name, config, local)
+
+                    tuned = trial_stage("sft", c.sft, data=data)
+                    adapter, merge_args = tuned.outputs["model"], {}
+                    if after_sft:
+                        adapter = trial_stage(after_sft, after_component, data=data,
+                                              sft_model=tuned.outputs["model"]).outputs["model"]
+                        if config.sft.method == "full":
+                            merge_args["base"] = tuned.outputs["model"]
+                    trial_merged = trial_stage("merge", c.merge, adapter=adapter, **merge_args)
+                    trial_evaluated = trial_stage("evaluate", c.evaluate, data=data, champion="",
+                                                  model=trial_merged.outputs["model"])
+                selected = c.select_trial(config_json=config_json, trials=trials,
+                                          evaluations=dsl.Collected(trial_evaluated.outputs["evaluation"]),
+                                          models=dsl.Collected(trial_merged.outputs["model"]),
+                                          digests=dsl.Collected(trial_merged.outputs["Output"]))
+                selected.set_display_name("select best trial").set_caching_options(False)
+                _run_identity(selected)
+                candidate, digest = selected.outputs["model"], selected.outputs["digest"]
+            else:
+                tuned = stage("sft", c.sft, data=data, **jobs.get("sft", {}))
+                adapter, merge_args = tuned.outputs["model"], {}
+                inputs["sft_model"] = tuned.outputs["model"]
+                if after_sft:
+                    tuned_after = stage(after_sft, after_component, data=data, sft_model=tuned.outputs["model"],
+                                        **jobs.get(after_sft, {}))
+                    adapter = inputs[f"{after_sft}_model"] = tuned_after.outputs["model"]
+                    if config.sft.method == "full":  # the adapter was trained on the full SFT model
+                        merge_args["base"] = tuned.outputs["model"]
+                    else:  # both are scored and the better one goes on; a full SFT model needs no merge
+                        inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=tuned.outputs["model"]).outputs["model"]
+                merged = stage("merge", c.merge, adapter=adapter, **merge_args)
+                candidate, digest = merged.outputs["model"], merged.outputs["Output"]
+            to_beat = c.champion_to_beat(champion=started.outputs["champion"], candidate=digest)
             to_beat.set_display_name("champion to beat").set_caching_options(False)
             _run_identity(to_beat)
-            evaluated = stage("evaluate", c.evaluate, data=data, model=merged.outputs["model"], champion=to_beat.output,
-                              **inputs)
+            evaluated = stage("evaluate", c.evaluate, data=data, model=candidate, champion=to_beat.output, **inputs)
 
             def publish(model) -> None:
                 extra = {}
@@ -167,10 +199,10 @@ def build(config: Config, local: bool = False):
                 with dsl.If(evaluated.outputs["Output"] == "sft", name="sft-beats-base"):
                     publish(inputs["sft_merged"])
                 with dsl.Elif(evaluated.outputs["Output"] == after_sft, name=f"{after_sft}-beats-base"):
-                    publish(merged.outputs["model"])
+                    publish(candidate)
             else:
                 with dsl.If(evaluated.outputs["Output"] != "", name="beats-base"):
-                    publish(merged.outputs["model"])
+                    publish(candidate)
 
     return pipeline
 
@@ -334,6 +366,9 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
         summary["checklist"] = result.get("checklist", [])
     elif "evaluate" in outputs:
         summary["checklist"] = results.get("checklist", [])
+    selected = run_folder / "select-trial" / "executor_output.json"
+    if selected.exists():
+        summary["sweep_winner"] = json.loads(json.loads(selected.read_text())["parameterValues"]["winner"])
     if "evaluate" in outputs and results.get("winner"):
         summary["winner"] = {"model": results["winner"], "why": results["winner_reason"]}
         if results["winner"] == "sft" and "merge-sft" in outputs:

@@ -155,3 +155,54 @@ def record_metrics(artifact, values: dict[str, Any]) -> None:
         artifact.log_metric(key, value)
     Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
     Path(artifact.path).write_text(json.dumps(numbers))
+
+
+def trial_config(config_json: str, trial: str) -> str:
+    """A sweep trial's config: the pipeline's with the trial's overrides (config.with_overrides)."""
+    from tuneforge.config import with_overrides
+
+    return with_overrides(Config.model_validate(json.loads(config_json)), json.loads(trial)["overrides"]).to_json()
+
+
+def select_trial(config_json: str, trials: list[str], evaluations: list[str], models: list[str], digests: list[str],
+                 best: str) -> tuple[str, str]:
+    """The sweep's winner by sweep.metric (or registry.primary_metric) on the same eval split: its merged model is
+    copied to BEST. Each trial becomes an MLflow run under the pipeline's run, with its overrides as parameters and
+    its evaluation as metrics, so MLflow's compare and parallel-coordinates views show the sweep. Returns the winner
+    (trial, overrides and score, as JSON) and its merged model's digest."""
+    import shutil
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    _log_to_task()
+    config = Config.model_validate(json.loads(config_json))
+    metric = config.sweep.metric or config.registry.primary_metric
+    scores = [json.loads((Path(evaluation) / "metrics.json").read_text())["candidate"] for evaluation in evaluations]
+    if len(scores) != len(trials):
+        raise SetupError(f"{len(trials)} sweep trials but {len(scores)} evaluations came back")
+    if metric not in scores[0]:
+        raise SetupError(f"sweep.metric {metric!r} is not among evaluate's metrics: {', '.join(sorted(scores[0]))}")
+    lower = metric in registry.LOWER_IS_BETTER
+    winner = min(range(len(trials)), key=lambda i: scores[i][metric] if lower else -scores[i][metric])
+    for i, trial in enumerate(trials):
+        log.info("trial %d %s: %s %.4g%s", i, json.loads(trial)["overrides"], metric, scores[i][metric],
+                 " (the winner)" if i == winner else "")
+
+    experiment = tracking.setup(config)
+    job = os.environ.get(env.KFP_RUN_ID)
+    parent = tracking.find_pipeline_run(config, job) if job else None
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for i, (trial, candidate) in enumerate(zip(trials, scores, strict=True)):
+        tags = {"tuneforge.stage": "trial", "tuneforge.sweep_metric": metric, "tuneforge.sweep_winner": str(i == winner)}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = client.create_run(experiment, run_name=f"{config.name}/trial-{i}", tags=tags)
+        overrides = json.loads(trial)["overrides"]
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in candidate.items()],
+                         params=[Param(k, str(v)) for k, v in overrides.items()])
+        client.set_terminated(run.info.run_id)
+    shutil.copytree(models[winner], best, dirs_exist_ok=True)
+    chosen = {"trial": winner, "overrides": json.loads(trials[winner])["overrides"], metric: scores[winner][metric]}
+    return json.dumps(chosen), digests[winner]
