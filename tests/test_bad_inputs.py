@@ -377,6 +377,11 @@ def case_grpo_reward_function_missing(tmp):
         "grpo.rewards.0.function 'no_such_module:f' cannot be loaded", "No module named 'no_such_module'"]
 
 
+def case_config_no_sft_for_dpo(tmp):
+    path = edited_config(tmp, lambda c: (c["sft"].update(enabled=False), c["dpo"].update(enabled=True)))
+    return ["validate", path], [str(path), "sft.enabled: false", "dpo.method orpo, simpo or cpo"]
+
+
 def case_config_unknown_batching(tmp):
     path = edited_config(tmp, lambda c: c["sft"].update(batching="sorted"))
     return ["validate", path], [str(path), "sft.batching", "'sorted'", "padding_free"]

@@ -149,6 +149,18 @@ def test_grpo_takes_dpos_place_after_sft(tmp_path):
     assert conditions == [f"!({winner} == 'sft') && {winner} == 'grpo'", f"{winner} == 'sft'"]
 
 
+def test_without_sft_a_reference_free_method_starts_the_training(tmp_path):
+    out = tmp_path / "pipeline.yaml"
+    result = cli("compile", EXAMPLES / "quickstart.yaml", "-o", out, "--set", "sft.enabled=false",
+                 "--set", "dpo.method=orpo")
+    assert result.exit_code == 0, result.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    stages = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert "sft" not in stages and "merge-sft" not in stages
+    assert stages["dpo"]["dependentTasks"] == ["data-prep"] and "sft_model" not in stages["dpo"]["inputs"].get("artifacts", {})
+    assert stages["merge"]["inputs"]["artifacts"]["adapter"]["taskOutputArtifact"]["producerTask"] == "dpo"
+
+
 def test_a_sweep_fans_out_its_trials_and_selects_one(tmp_path):
     out = tmp_path / "pipeline.yaml"
     result = cli("compile", EXAMPLES / "quickstart.yaml", "-o", out, "--set", "sweep.parallelism=3",

@@ -256,6 +256,27 @@ def test_grpo_starts_from_the_base_model_without_sft(prepared, tmp_path):
     assert lineage["max_completion_length"] >= 16
 
 
+def test_a_reference_free_method_trains_from_the_base_model_without_sft(prepared, tmp_path):
+    config, data = prepared
+    common = ["--config", config, "--set", "sft.enabled=false", "--set", "dpo.enabled=true", "--set", "dpo.method=simpo"]
+    trained = cli("stage", "dpo", *common, "--input", f"data={data}", "--output", tmp_path / "dpo",
+                  "--set", "dpo.max_steps=2")
+    assert trained.exit_code == 0, trained.stderr[-3000:]
+    lineage = json.loads((tmp_path / "dpo" / "manifest.json").read_text())["lineage"]
+    assert lineage["adapter_base"] == "base_model" and lineage["reference_logps"] == "none: simpo has no reference model"
+    merged = cli("stage", "merge", *common, "--input", f"model={tmp_path / 'dpo'}", "--output", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.stderr[-3000:]
+    # The chat template is data-prep's, as an sft output would carry it: evaluate accepts the model.
+    evaluated = cli("stage", "evaluate", *common, "--input", f"data={data}", "--input", f"model={tmp_path / 'merged'}",
+                    "--input", f"dpo={tmp_path / 'dpo'}", "--output", tmp_path / "evaluate")
+    assert evaluated.exit_code == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["metrics"]["trained_by"] == "dpo"
+    # DPO itself scores against the SFT model: without one it says what to give it.
+    refused = cli("stage", "dpo", "--config", config, "--set", "dpo.enabled=true", "--input", f"data={data}",
+                  "--output", tmp_path / "dpo2")
+    assert refused.exit_code == 2 and "dpo.method dpo scores against the SFT model" in refused.stderr
+
+
 def test_kto_trains_on_unpaired_rows_alone(tmp_path):
     unpaired = [{"prompt": f"Extract the name as JSON.\n\nPerson{i} lives in City{i}.",
                  "completion": json.dumps({"name": f"Person{i}"}) if i % 3 else f"The name is Person{i}.", "label": i % 3 > 0}

@@ -176,6 +176,8 @@ class TrainSettings(Strict):
 
 
 class SftSettings(TrainSettings):
+    enabled: bool = Field(True, description="Run SFT (stage sft). false: the stage after it starts from the base model; "
+                          "only methods without a reference model can (dpo.method orpo, simpo or cpo; grpo).")
     method: Literal["full", "lora", "qlora"] = Field(
         "lora", description="full: every weight; lora: a low-rank adapter; qlora: the adapter on a 4-bit base.")
     loss_on: Literal["assistant", "all"] = Field(
@@ -684,6 +686,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except ValidationError as exc:
         lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
         raise ConfigError(f"{path}: invalid config:\n{lines}") from None
+    # Checked on the whole config only: a stage's view (Config.view) keeps the sft section and not dpo's.
+    if not config.sft.enabled and not (config.grpo.enabled or (config.dpo.enabled and not config.dpo.needs_reference)):
+        raise ConfigError(f"{path}: invalid config:\n  - sft.enabled: false leaves only a reference-free method to train "
+                          "from the base model: set dpo.enabled with dpo.method orpo, simpo or cpo (dpo and kto score "
+                          "against the SFT model), or grpo.enabled")
     # Relative data paths are relative to the config file, so examples run from any directory.
     base = path.resolve().parent
     for source in config.data.sources:

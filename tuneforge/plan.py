@@ -179,7 +179,7 @@ def plan(config: Config, gpu_type: str | None = None) -> dict[str, Any]:
     gpus = {gpu_type: GPUS[gpu_type]} if gpu_type else GPUS
     found: dict[str, Any] = {"model": config.base_model.source, "stages": {}}
     for stage in ("sft", "dpo", "grpo"):
-        if stage != "sft" and not getattr(config, stage).enabled:
+        if not getattr(config, stage).enabled:
             continue
         memory = stage_memory(config, stage)
         method = config.sft.method if stage == "sft" else "lora"

@@ -44,10 +44,11 @@ COMMON_SECTIONS = ("name", "workdir", "base_model", "data", "tracking", "storage
 
 STAGES = (
     # dpo.enabled, dpo.method: which rows are needed (preference pairs; for kto, pairs or unpaired rows).
-    Stage("data-prep", output="data", reads=("dpo.enabled", "dpo.method")),
+    Stage("data-prep", output="data", reads=("sft.enabled", "dpo.enabled", "dpo.method", "grpo.enabled")),
     Stage("sft", requires=("data",), output="model", trains=True, reads=("sft",)),
     # dpo reloads the base as sft.method trained it (4 bits after QLoRA).
-    Stage("dpo", requires=("data", "model"), output="model", trains=True, reads=("sft", "dpo")),
+    # model: the sft output; without it (sft.enabled false, a reference-free method) dpo starts from the base model.
+    Stage("dpo", requires=("data",), accepts=("model",), output="model", trains=True, reads=("sft", "dpo")),
     # grpo: after sft (model), or from the base model without it; it reloads the base as sft.method trained it.
     Stage("grpo", requires=("data",), accepts=("model",), output="model", trains=True, reads=("sft", "grpo")),
     Stage("merge", requires=("model",), accepts=("base",), output="model", reads=("merge",)),

@@ -244,7 +244,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
                     sources[r["source"]]["dropped"]["leakage"] += 1
                 splits[kind] = ([r for r in train if id(r) not in leaking], held)
 
-    if not splits["sft"][0]:
+    if (config.sft.enabled or config.grpo.enabled) and not splits["sft"][0]:
         raise empty_split_error("SFT training rows", sources, ("alpaca", "messages", "sharegpt", "prompt/completion", "text"))
     if config.dpo.enabled and config.dpo.method == "kto":
         if not splits["preference"][0] and not splits["unpaired"][0]:

@@ -356,10 +356,16 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         backends.patch_dpo_trainer()
     method_config, method_trainer = trl_classes(method)
 
-    data_dir, sft_dir = Path(inputs["data"]), Path(inputs["model"])
+    data_dir = Path(inputs["data"])
     data_manifest = storage.read_manifest(data_dir, "data-prep")
-    sft_manifest = storage.read_manifest(sft_dir, "sft")
-    if sft_manifest["lineage"]["chat_template_sha256"] != data_manifest["lineage"]["chat_template_sha256"]:
+    sft_dir = Path(inputs["model"]) if inputs.get("model") else None
+    if sft_dir is None and settings.needs_reference:
+        raise SetupError(f"dpo.method {method} scores against the SFT model: give it the sft output (--input model=...), "
+                         "or pick a method without a reference model (orpo, simpo, cpo)")
+    if sft_dir is None and backend == "unsloth":
+        raise SetupError("dpo.backend unsloth loads the model from the sft output; without sft, set dpo.backend: hf")
+    sft_manifest = storage.read_manifest(sft_dir, "sft") if sft_dir else None
+    if sft_manifest and sft_manifest["lineage"]["chat_template_sha256"] != data_manifest["lineage"]["chat_template_sha256"]:
         raise SetupError(f"{sft_dir} was trained with another chat template than {data_dir} records")
     split = prepared.unpaired_split if method == "kto" else prepared.preference_split
     train, evaluation = split(data_dir, "train"), split(data_dir, "eval")
@@ -370,24 +376,31 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             "preference pairs (prompt/chosen/rejected)"
         raise SetupError(f"{data_dir}: nothing to train dpo.method {method} on; add {wanted} or set dpo.enabled: false")
     has_eval = len(evaluation) > 0
-    quantized = sft_manifest["lineage"]["method"] == "qlora"
+    quantized = bool(sft_manifest) and sft_manifest["lineage"]["method"] == "qlora"
     if quantized and has_eval and not torch.cuda.is_available():
         log.warning("qlora on CPU: evaluation during training is off (eval-mode forwards corrupt 4-bit weights)")
         has_eval = False
 
-    tokenizer = models.load_tokenizer(str(sft_dir), config.base_model)
+    base_path = models.resolve(config.base_model)
+    if sft_dir:
+        tokenizer = models.load_tokenizer(str(sft_dir), config.base_model)
+    else:  # from the base model: the chat template data-prep rendered the rows with, as sft would set it
+        tokenizer = models.load_tokenizer(base_path, config.base_model)
+        tokenizer.chat_template = data_manifest["lineage"]["chat_template"]
     checkpoints = training.checkpoint_dir(output)
     with training.main_process_first():
         resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
     torch.manual_seed(settings.seed)
     peft_config = None
-    sft_kind = sft_manifest["lineage"]["kind"]
-    adapter_base = "base_model" if sft_kind == "adapter" else "sft"
+    sft_kind = sft_manifest["lineage"]["kind"] if sft_manifest else "none"
+    adapter_base = "sft" if sft_kind == "full" else "base_model"
     if backend == "unsloth":
         model = load_with_unsloth(config, sft_dir, sft_kind, quantized)
+    elif sft_kind == "none":
+        model = models.load_model(base_path, config.base_model)
+        peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
     elif sft_kind == "adapter":
         # After QLoRA SFT the base is loaded in 4 bits again, as it was trained.
-        base_path = models.resolve(config.base_model)
         model = PeftModel.from_pretrained(training.load_for_training(config, base_path), str(sft_dir), is_trainable=True)
         # The adapter names the base portably; peft looks that name up when saving, so give it the local path.
         model.peft_config["default"].base_model_name_or_path = base_path
@@ -419,7 +432,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         **training.trainer_arguments(settings, checkpoints, has_eval, quantized=quantized,
                                      guard_every=_guard_every(settings, len(train)) if guard else None),
         "max_length": config.data.max_length, **options})
-    lineage = tracking.inherit_lineage(sft_manifest, config, inputs)
+    lineage = tracking.inherit_lineage(sft_manifest or data_manifest, config, inputs)
     reference = ("once, before training" if precompute else "in every step") if settings.needs_reference else \
         f"none: {method} has no reference model"
     lineage.update(backend=backend, backend_reason=why, method="lora", adapter_base=adapter_base,
@@ -448,7 +461,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             padding, trained_fraction = None, answer_tokens / (answer_tokens + sum(p * len(a) for p, *a in lengths))
         metrics = training.train_and_save(
             trainer, stage=STAGE, title=method.upper(), tracker=tracker, out=out, lineage=lineage, resume=resume,
-            has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir,
+            has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir or base_path,
             adapter_base=config.base_model.source if adapter_base == "base_model" else "sft",
             trained_token_fraction=trained_fraction, guard=guard, padding=padding, selected_adapters=["default"])
     shutil.rmtree(checkpoints, ignore_errors=True)

@@ -68,20 +68,24 @@ def sft(config_json: str, code_version: str, data: Input[Dataset], model: Output
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def dpo(config_json: str, code_version: str, data: Input[Dataset], sft_model: Input[Model], model: Output[Model],
-        metrics: Output[Metrics], job_image: str = ""):
+def dpo(config_json: str, code_version: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+        sft_model: Input[Model] = None, job_image: str = ""):
+    """sft_model: absent with sft.enabled false (a reference-free method, from the base model)."""
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("dpo", config_json, {"data": data.path, "model": sft_model.path}, model.path, job_image=job_image)
+    inputs = {"data": data.path, "model": sft_model.path if sft_model else ""}
+    result = run_stage("dpo", config_json, inputs, model.path, job_image=job_image)
     record_metrics(metrics, result["metrics"])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def grpo(config_json: str, code_version: str, data: Input[Dataset], sft_model: Input[Model], model: Output[Model],
-         metrics: Output[Metrics], job_image: str = ""):
+def grpo(config_json: str, code_version: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+         sft_model: Input[Model] = None, job_image: str = ""):
+    """sft_model: absent with sft.enabled false (GRPO from the base model)."""
     from tuneforge.pipelines.stage_runner import record_metrics, run_stage
 
-    result = run_stage("grpo", config_json, {"data": data.path, "model": sft_model.path}, model.path, job_image=job_image)
+    inputs = {"data": data.path, "model": sft_model.path if sft_model else ""}
+    result = run_stage("grpo", config_json, inputs, model.path, job_image=job_image)
     record_metrics(metrics, result["metrics"])
 
 

@@ -145,13 +145,13 @@ def build(config: Config, local: bool = False):
                         task = component(config_json=trial_config.output, code_version=code_version, **stage_inputs)
                         return _configure(task, name, config, local)
 
-                    tuned = trial_stage("sft", c.sft, data=data)
-                    adapter, merge_args = tuned.outputs["model"], {}
+                    sft_model = trial_stage("sft", c.sft, data=data).outputs["model"] if config.sft.enabled else None
+                    adapter, merge_args = sft_model, {}
                     if after_sft:
                         adapter = trial_stage(after_sft, after_component, data=data,
-                                              sft_model=tuned.outputs["model"]).outputs["model"]
-                        if config.sft.method == "full":
-                            merge_args["base"] = tuned.outputs["model"]
+                                              **({"sft_model": sft_model} if sft_model else {})).outputs["model"]
+                        if sft_model and config.sft.method == "full":
+                            merge_args["base"] = sft_model
                     trial_merged = trial_stage("merge", c.merge, adapter=adapter, **merge_args)
                     trial_evaluated = trial_stage("evaluate", c.evaluate, data=data, champion="",
                                                   model=trial_merged.outputs["model"])
@@ -163,17 +163,19 @@ def build(config: Config, local: bool = False):
                 _run_identity(selected)
                 candidate, digest = selected.outputs["model"], selected.outputs["digest"]
             else:
-                tuned = stage("sft", c.sft, data=data, **jobs.get("sft", {}))
-                adapter, merge_args = tuned.outputs["model"], {}
-                inputs["sft_model"] = tuned.outputs["model"]
+                sft_model = stage("sft", c.sft, data=data, **jobs.get("sft", {})).outputs["model"] \
+                    if config.sft.enabled else None
+                adapter, merge_args = sft_model, {}
+                if sft_model:
+                    inputs["sft_model"] = sft_model
                 if after_sft:
-                    tuned_after = stage(after_sft, after_component, data=data, sft_model=tuned.outputs["model"],
-                                        **jobs.get(after_sft, {}))
+                    tuned_after = stage(after_sft, after_component, data=data, **jobs.get(after_sft, {}),
+                                        **({"sft_model": sft_model} if sft_model else {}))
                     adapter = inputs[f"{after_sft}_model"] = tuned_after.outputs["model"]
-                    if config.sft.method == "full":  # the adapter was trained on the full SFT model
-                        merge_args["base"] = tuned.outputs["model"]
-                    else:  # both are scored and the better one goes on; a full SFT model needs no merge
-                        inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=tuned.outputs["model"]).outputs["model"]
+                    if sft_model and config.sft.method == "full":  # the adapter was trained on the full SFT model
+                        merge_args["base"] = sft_model
+                    elif sft_model:  # both are scored and the better one goes on; a full SFT model needs no merge
+                        inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=sft_model).outputs["model"]
                 merged = stage("merge", c.merge, adapter=adapter, **merge_args)
                 candidate, digest = merged.outputs["model"], merged.outputs["Output"]
             to_beat = c.champion_to_beat(champion=started.outputs["champion"], candidate=digest)
