@@ -2,7 +2,7 @@
 the same SFT output and scored by the same evaluate stage, in one run.
 
     python benchmarks/preference_methods.py [--config examples/quickstart.yaml] [--methods dpo,kto,orpo,simpo,cpo]
-                                            [--workdir benchmarks/results/preference_methods] [--set KEY=VALUE ...]
+                                            [--workdir runs/benchmarks/preference_methods] [--set KEY=VALUE ...]
 
 data-prep, sft and the SFT model's merge run once (WORKDIR/data, sft, sft-merged) and are reused by a later run when
 their folder holds a manifest.json: delete them after changing --config or --set. Then, for each method, `stage dpo`
