@@ -118,8 +118,9 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             peft_config=peft_config,
             callbacks=training.callbacks(settings, "grpo/", tracker, config.storage.endpoint_url),
         )
-        lineage["attention"] = training.choose_attention(trainer.model, settings, max_completion + max(
-            len(ids) for ids in tokenizer.apply_chat_template(train[:64]["prompt"], add_generation_prompt=True)))
+        prompts = tokenizer.apply_chat_template(list(train["prompt"]), add_generation_prompt=True, return_dict=True)
+        lineage["attention"] = training.choose_attention(
+            trainer.model, settings, max_completion + max(len(ids) for ids in prompts["input_ids"]))
         metrics = training.train_and_save(
             trainer, stage=STAGE, title="GRPO", tracker=tracker, out=out, lineage=lineage, resume=resume,
             has_eval=False, tokenizer=tokenizer, tokenizer_source=sft_dir or base_path,
