@@ -23,12 +23,14 @@ import yaml
 from conftest import EXAMPLES
 from test_services import _client, assert_secrets_nowhere
 
-from tuneforge import stages
-from tuneforge.config import Config
+from tuneforge import sizing
+from tuneforge.config import Config, load_config
 from tuneforge.pipelines import container_runner
 
 REGISTRY, TAG = "localhost/tuneforge", os.environ.get("TUNEFORGE_TEST_IMAGE_TAG", "dev")
 IMAGES = [f"{REGISTRY}/tuneforge-cpu:{TAG}", f"{REGISTRY}/tuneforge-export:{TAG}"]
+# The stages tiny.yaml's pipeline runs (not grpo: it takes dpo's place only when enabled).
+TINY_STAGES = sizing.pipeline_stages(load_config(EXAMPLES / "tiny.yaml"))
 COMPARED = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "task_exact_match")
 
 
@@ -97,7 +99,7 @@ def test_the_compiled_package_with_real_s3_and_mlflow_publishes_registers_and_le
     assert summary["mlflow"]["tracking_uri"] == stack["MLFLOW_TRACKING_URI"]
     prefix = f"runs/tiny-extract/{run_id}/"
     keys = {o["Key"] for o in _client(stack).list_objects_v2(Bucket="tuneforge", Prefix=prefix)["Contents"]}
-    for folder in stages.NAMES:
+    for folder in TINY_STAGES:
         assert f"{prefix}{folder}/manifest.json" in keys
     assert f"{prefix}export-gguf/tiny-extract-q8_0.gguf" in keys
 
@@ -145,7 +147,7 @@ def test_the_compiled_package_runs_in_its_images_as_a_cluster_would_and_matches_
     tracking = mlflow.MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
     parent = tracking.get_run(inside["mlflow"]["run_id"])
     children = tracking.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {r.data.tags["tuneforge.stage"] for r in children} == set(stages.NAMES)
+    assert {r.data.tags["tuneforge.stage"] for r in children} == set(TINY_STAGES)
     # The same merged weights: the registry sees nothing new.
     assert inside["registered_model"]["outcome"].startswith("unchanged"), inside["registered_model"]
 
