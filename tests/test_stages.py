@@ -425,14 +425,17 @@ def test_all_ones_loss_mask_fails_before_training(tmp_path):
 
 def test_stage_inputs_are_checked(prepared, tmp_path):
     config, data = prepared
-    missing = cli("stage", "dpo", "--config", config, "--input", f"data={data}", "--output", tmp_path / "o")
+    missing = cli("stage", "merge", "--config", config, "--output", tmp_path / "o")
     assert missing.exit_code == 2 and "needs --input model=PATH" in missing.stderr
+    # dpo's model is optional (a reference-free method starts from the base model); DPO itself says what it needs.
+    no_sft = cli("stage", "dpo", "--config", config, "--input", f"data={data}", "--output", tmp_path / "o")
+    assert no_sft.exit_code == 2 and "dpo.method dpo scores against the SFT model" in no_sft.stderr
     partial = tmp_path / "half"
     partial.mkdir()
     result = cli("stage", "sft", "--config", config, "--input", f"data={partial}", "--output", tmp_path / "o")
     assert result.exit_code == 2 and "not a complete tuneforge stage output" in result.stderr
     wrong = cli("stage", "merge", "--config", config, "--input", f"model={data}", "--output", tmp_path / "o")
-    assert wrong.exit_code == 2 and "is the output of stage 'data-prep', expected sft or dpo" in wrong.stderr
+    assert wrong.exit_code == 2 and "is the output of stage 'data-prep', expected sft or dpo or grpo" in wrong.stderr
     assert cli("stage", "train", "--config", config, "--output", tmp_path / "o").exit_code == 2
 
 
