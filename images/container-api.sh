@@ -10,8 +10,9 @@ if curl -fsS --unix-socket "$SOCKET" http://d/_ping >/dev/null 2>&1; then
 fi
 [ -x "$CACHE/runc-norlimits" ] || { echo "container-api.sh: run images/local-build.sh first (it writes $CACHE/runc-norlimits)" >&2; exit 1; }
 mkdir -p "$(dirname "$SOCKET")"
-CONTAINERS_CONF=$CACHE/containers.conf nohup podman --runtime "$CACHE/runc-norlimits" system service --time=0 \
-  "unix://$SOCKET" >"$CACHE/podman-service.log" 2>&1 &
+# From /: the service outlives this checkout, and conmon fails every container once its working directory is gone.
+(cd / && CONTAINERS_CONF=$CACHE/containers.conf nohup podman --runtime "$CACHE/runc-norlimits" system service --time=0 \
+  "unix://$SOCKET" >"$CACHE/podman-service.log" 2>&1 &)
 for _ in $(seq 50); do
   curl -fsS --unix-socket "$SOCKET" http://d/_ping >/dev/null 2>&1 && { echo "container-api.sh: $SOCKET started"; exit 0; }
   sleep 0.2
