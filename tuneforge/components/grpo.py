@@ -69,10 +69,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         raise SetupError(f"{data_dir}: no prompts to train GRPO on; it takes chat rows (alpaca, messages, "
                          "prompt/completion) whose last turn is the assistant's reference answer")
 
+    base_path = models.resolve(config.base_model)
     if sft_dir:
         tokenizer = models.load_tokenizer(str(sft_dir), config.base_model)
     else:  # from the base model: the chat template data-prep rendered the rows with, as sft would set it
-        tokenizer = models.load_tokenizer(models.resolve(config.base_model), config.base_model)
+        tokenizer = models.load_tokenizer(base_path, config.base_model)
         tokenizer.chat_template = data_manifest["lineage"]["chat_template"]
     answer_tokens = [len(ids) for ids in tokenizer(list(train["answer"]), add_special_tokens=False)["input_ids"]]
     max_completion = settings.max_completion_length or max(16, 2 * max(answer_tokens))
@@ -80,7 +81,6 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     with training.main_process_first():
         resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
     torch.manual_seed(settings.seed)
-    base_path = models.resolve(config.base_model)
     peft_config = None
     adapter_base = "base_model"
     if sft_manifest and sft_manifest["lineage"]["kind"] == "adapter":
