@@ -48,6 +48,7 @@ def from_training(config: Config, evaluation: dict[str, Any], data: dict[str, An
     sft = trained.get("sft", {}).get("metrics", {})
     fraction = sft.get("trained_token_fraction")
     items.append(_item("completion-only loss mask", None if fraction is None else 0 < fraction < 1,
+                       "a classifier: its loss is on the label, not on tokens" if config.task == "classification" else
                        "no SFT metrics" if fraction is None else
                        f"{fraction:.1%} of the tokens of a sample batch are trained on" +
                        (" (every token: the prompt is trained on too, sft.loss_on: all)" if fraction >= 1 else "")))
@@ -58,7 +59,8 @@ def from_training(config: Config, evaluation: dict[str, Any], data: dict[str, An
         "on (sft.gradient_checkpointing): activations for each layer's input only, recomputed in backward"
         if settings.gradient_checkpointing else
         f"off: faster steps; {_activations(config)} (turn it on where memory is short)")))
-    items.append(_eval_watched(settings.early_stopping_patience, history.get("sft", []),
+    patience = settings.early_stopping_patience or (2 if config.task == "classification" else None)
+    items.append(_eval_watched(patience, history.get("sft", []),
                                trained.get("dpo", {}).get("lineage", {}).get("likelihood_guard")))
     reloads = {stage: m["metrics"].get("adapter_reload_max_abs_diff") for stage, m in trained.items()}
     merge_check = merged["metrics"].get("merge_max_abs_logit_diff")
@@ -68,6 +70,11 @@ def from_training(config: Config, evaluation: dict[str, Any], data: dict[str, An
         [f"{stage}: saved weights equal the trained ones (max diff {v:.2g})" for stage, v in reloads.items() if v is not None]
         + ([f"merge loaded the adapter into a fresh base: logits within {merge_check:.2g} of the merged model "
             f"(tolerance {tolerance})"] if merge_check is not None else ["a full fine-tune: no adapter"]))))
+    if config.task == "classification":
+        items.append(_item("merged model tested at inference", "accuracy" in evaluation.get("candidate", {}),
+                           f"the merged classifier labelled {evaluation.get('heldout_rows', 0)} held-out rows (accuracy "
+                           f"{evaluation.get('candidate', {}).get('accuracy', 0):.3g})"))
+        return items
     generated = [k for k in ("task_exact_match", "task_score") if k in evaluation.get("candidate", {})]
     items.append(_item("merged model tested at inference", bool(generated), (
         f"the merged model generated answers to {data['metrics'].get('eval_tasks', 0)} eval tasks "
@@ -100,7 +107,7 @@ def from_export(items: list[dict[str, str]], template_sha256: str, export: dict[
                 gguf_templates: dict[str, str]) -> list[dict[str, str]]:
     """register's additions: the chat template inside each GGUF file, and llama.cpp's verification of each."""
     if export is None:
-        return [*items, _item("GGUF files verified in llama.cpp", None, "export.enabled is false: no GGUF files")]
+        return [*items, _item("GGUF files verified in llama.cpp", None, "no GGUF files (export.enabled is false, or task classification)")]
     same = all(h == template_sha256 for h in gguf_templates.values())
     checks = export["metrics"]["types"]
     verified = all(c.get("tokenizer_agreement", 1.0) == 1.0 for c in checks.values())

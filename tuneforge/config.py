@@ -37,9 +37,11 @@ class BaseModelSettings(Strict):
 
 class DataSource(Strict):
     path: str = Field(description="A local file (.jsonl, .json, .parquet, .csv); s3:// and hf:// come with storage.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired"] = Field(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired",
+                    "classification"] = Field(
         "auto", description="Row format; auto detects it from the keys of the rows (the README lists the public dataset "
-        "shapes it reads)."
+        "shapes it reads); with task: classification every source is read as classification rows (text or sentence, "
+        "and label)."
     )
     split: Literal["sft", "preference", "auto", "eval"] = Field(
         "auto", description="Which set the rows feed; auto: preference rows feed DPO, the rest SFT; eval: a curated "
@@ -160,7 +162,8 @@ class TrainSettings(Strict):
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop when eval loss has not improved for this many evaluations."
+        None, gt=0, description="Stop when eval loss (classification: classification.metric_for_best) has not improved "
+        "for this many evaluations. null: no early stopping (classification: 2)."
     )
     resume: Literal["auto", "never"] | str = Field(
         "auto", description="auto: continue from the latest checkpoint if one exists; never; or a checkpoint path."
@@ -316,6 +319,28 @@ class GrpoSettings(TrainSettings):
         if not self.rewards:
             raise ValueError("grpo.rewards is empty: GRPO needs at least one reward")
         return self
+
+
+class ClassificationSettings(Strict):
+    """Sequence classification (task: classification): rows of text and label, a classification head on the model."""
+
+    labels: list[str] | None = Field(
+        None, min_length=2, description="The label names, in the order of the head's outputs; integer labels in the rows "
+        "index into this list, string labels must be in it. null: the labels found in the training rows, sorted "
+        "(numerically when they are all integers).")
+    metric_for_best: Literal["accuracy", "macro_f1", "eval_loss"] = Field(
+        "accuracy", description="Decides, after each epoch on the validation rows, which checkpoint is kept and when "
+        "early stopping stops.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the training rows held back to score each epoch (best checkpoint, early "
+        "stopping); data-prep's held-out split stays unseen until evaluate.")
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be distinct: {labels}")
+        return labels
 
 
 class MergeSettings(Strict):
@@ -495,10 +520,17 @@ def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     return Config.model_validate(raw)
 
 
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "eval_loss")
+NO_GGUF_FOR_CLASSIFIERS = ("task classification: llama.cpp and Ollama run generative models, and its GGUF converter has "
+                           "no sequence-classification head for these architectures; serve the merged model with "
+                           "transformers (the registered version's source)")
+
+
 class RegistrySettings(Strict):
     enabled: bool = Field(True, description="Register the candidate in the MLflow Model Registry.")
     model_name: str | None = Field(None, description="Registered model name; null: the run name.")
-    primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion.")
+    primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion (task "
+                                "classification: accuracy unless set; also macro_f1 or eval_loss).")
     min_improvement: float = Field(0.0, ge=0, description="How much the candidate must beat base and champion by.")
     guards: dict[str, float] = Field(
         default_factory=lambda: {"eval_loss": 0.05},
@@ -572,6 +604,10 @@ class TrackingSettings(Strict):
 
 class Config(Strict):
     name: str = Field(description="Run name; also the registered model name later.")
+    task: Literal["generation", "classification"] = Field(
+        "generation", description="generation: a chat or completion model (sft, then dpo or grpo); classification: a "
+        "sequence classifier trained by the sft stage on rows of text and label (full or LoRA with the head trained), "
+        "scored by accuracy and macro-F1; no GGUF export (llama.cpp runs generative models).")
     workdir: str = Field("runs", description="Where local runs, caches and the embedded MLflow store live.")
     base_model: BaseModelSettings = Field(description="The model to fine-tune.")
     data: DataSettings = Field(description="Training data, eval tasks and how rows are rendered (stage data-prep).")
@@ -593,11 +629,15 @@ class Config(Strict):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow tracking.")
     sweep: SweepSettings = Field(default_factory=SweepSettings,
                                  description="Several trials of the training stages; the best one is registered.")
+    classification: ClassificationSettings = Field(default_factory=ClassificationSettings,
+                                                   description="Labels and checkpoint choice for task: classification.")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         if self.sft.method == "qlora" and self.sft.precision == "fp16":
             raise ValueError("sft.precision: fp16 with qlora is unstable; use bf16 or auto")
+        if self.task == "classification":
+            self._check_classification()
         if self.dpo.enabled and self.grpo.enabled:
             raise ValueError("dpo.enabled and grpo.enabled: a pipeline runs one of them after sft; run GRPO in a second "
                              "pipeline whose base_model is the first one's merged model")
@@ -615,6 +655,38 @@ class Config(Strict):
             if settings.distributed.nodes > 1 and settings.backend == "unsloth":
                 raise ValueError(f"{stage}.backend: unsloth trains on one GPU; set {stage}.backend: hf for several nodes")
         return self
+
+    def _check_classification(self) -> None:
+        for stage in ("dpo", "grpo"):
+            if getattr(self, stage).enabled:
+                raise ValueError(f"{stage}.enabled: task classification trains a classifier in the sft stage; set "
+                                 f"{stage}.enabled: false")
+        if not self.sft.enabled:
+            raise ValueError("sft.enabled: false: task classification trains the classifier in the sft stage")
+        if self.sft.method == "qlora":
+            raise ValueError("sft.method qlora: task classification trains full or lora (the head is trained in full "
+                             "either way)")
+        if self.sft.packing or self.sft.batching == "padding_free":
+            raise ValueError("sft.packing / sft.batching padding_free: a classifier scores each row at its last "
+                             "token, so rows are never packed; use sft.batching auto, padded or grouped")
+        if self.sft.backend == "unsloth":
+            raise ValueError("sft.backend unsloth: task classification trains on the hf backend")
+        if self.sft.distributed.nodes > 1 or self.sft.distributed.processes not in ("auto", 1):
+            raise ValueError("sft.distributed: task classification trains in one process")
+        if "primary_metric" not in self.registry.model_fields_set:
+            self.registry.primary_metric = "accuracy"
+        if self.registry.primary_metric not in CLASSIFICATION_METRICS:
+            raise ValueError(f"registry.primary_metric {self.registry.primary_metric!r}: task classification is scored "
+                             f"by {', '.join(CLASSIFICATION_METRICS)}")
+        unknown = sorted(set(self.registry.guards) - set(CLASSIFICATION_METRICS))
+        if unknown:
+            raise ValueError(f"registry.guards {unknown}: task classification is scored by "
+                             f"{', '.join(CLASSIFICATION_METRICS)}")
+
+    @property
+    def exports_gguf(self) -> bool:
+        """Whether the pipeline exports GGUF files (export-gguf): not for a classifier, see NO_GGUF_FOR_CLASSIFIERS."""
+        return self.export.enabled and self.task == "generation"
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

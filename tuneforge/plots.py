@@ -1,4 +1,5 @@
-"""The figures in the reports and MLflow: loss curves, token lengths, scores before and after."""
+"""The figures in the reports and MLflow: loss curves, token lengths, scores before and after, a classifier's confusion
+matrix."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def token_lengths(lengths: list[int], limit: int, path: Path) -> None:
 
 def scores(results: dict[str, dict[str, float]], models: tuple[str, ...], path: Path) -> None:
     """Held-out rates (0-1) and the held-out loss of each model, grouped by metric."""
-    rates = [k for k in results[models[-1]] if k.startswith("task_") or k == "preference_accuracy"]
+    rates = [k for k in results[models[-1]] if k.startswith("task_") or k in ("preference_accuracy", "accuracy", "macro_f1")]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), gridspec_kw={"width_ratios": [max(len(rates), 1), 1.5]})
     width = 0.8 / len(models)
     colours = [GREY, "#dd8452", BLUE, "#55a868"]
@@ -96,4 +97,21 @@ def scores(results: dict[str, dict[str, float]], models: tuple[str, ...], path: 
     axes[0].legend()
     axes[1].set_xticks([0], ["eval_loss"])
     axes[1].set_title("loss (lower is better)", fontsize=9)
+    _save(fig, path)
+
+
+def confusion_matrix(confusion: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    """Rows: the true label; columns: the predicted one; each cell its count."""
+    size = max(3.5, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    top = max(max(row) for row in confusion) or 1
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
     _save(fig, path)

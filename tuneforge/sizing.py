@@ -132,8 +132,8 @@ def resolve(config: Config, stage: str, size: bool = True) -> Sized:
 
 def pipeline_stages(config: Config) -> list[str]:
     skipped = {"sft": not config.sft.enabled, "dpo": not config.dpo.enabled, "grpo": not config.grpo.enabled,
-               "export-gguf": not config.export.enabled,
-               "serve-check": not (config.export.enabled and config.serve_check.enabled and config.data.eval_tasks),
+               "export-gguf": not config.exports_gguf,
+               "serve-check": not (config.exports_gguf and config.serve_check.enabled and config.data.eval_tasks),
                "register": not config.registry.enabled}
     return [name for name in stages.NAMES if not skipped.get(name)]
 

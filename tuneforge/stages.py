@@ -38,9 +38,9 @@ class Stage:
         return self.requires + self.accepts
 
 
-# What every stage reads: who it is, where it logs and publishes, the base model. `data` is here too: a change to it
-# reruns data-prep, whose new output reruns everything after it anyway.
-COMMON_SECTIONS = ("name", "workdir", "base_model", "data", "tracking", "storage")
+# What every stage reads: who it is, where it logs and publishes, the base model, the task. `data` is here too: a
+# change to it reruns data-prep, whose new output reruns everything after it anyway.
+COMMON_SECTIONS = ("name", "workdir", "task", "classification", "base_model", "data", "tracking", "storage")
 
 STAGES = (
     # dpo.enabled, dpo.method: which rows are needed (preference pairs; for kto, pairs or unpaired rows).

@@ -315,7 +315,7 @@ def trainer_arguments(settings: TrainSettings, checkpoints: Path, has_eval: bool
     ) | distributed.sharding_arguments(settings)
 
 
-def lora_config(settings: LoraSettings, modules: list[str] | str):
+def lora_config(settings: LoraSettings, modules: list[str] | str, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -326,7 +326,7 @@ def lora_config(settings: LoraSettings, modules: list[str] | str):
         use_dora=settings.use_dora,
         use_rslora=settings.use_rslora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -465,7 +465,7 @@ def load_for_training(config: Config, model_path: str):
 
 def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTracker, out: Path,
                    lineage: dict[str, Any], resume: str | None, has_eval: bool, tokenizer, tokenizer_source: str | Path,
-                   adapter_base: str | None, trained_token_fraction: float, guard: LikelihoodGuard | None = None,
+                   adapter_base: str | None, trained_token_fraction: float | None, guard: LikelihoodGuard | None = None,
                    padding: PaddingCount | None = None, **save_options) -> dict[str, Any]:
     """How every training stage ends: train, evaluate, save the weights (all processes) and, in the main process, the
     tokenizer, the adapter's base name, the loss history and curve, the MLflow metrics and the manifest (last).
@@ -475,8 +475,11 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
         result = trainer.train(resume_from_checkpoint=resume)
     if guard is not None:
         lineage["likelihood_guard"] = guard.report(trainer.state)
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step,
-               "trained_token_fraction": trained_token_fraction}
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step}
+    if trained_token_fraction is not None:
+        metrics["trained_token_fraction"] = trained_token_fraction
+    if trainer.args.load_best_model_at_end and trainer.state.best_global_step is not None:
+        metrics.update(kept_step=trainer.state.best_global_step, kept_metric=trainer.state.best_metric)
     if padding is not None:
         metrics["padding_share"] = padding.share
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})

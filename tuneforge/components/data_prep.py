@@ -23,7 +23,7 @@ from typing import Any
 
 import mlflow
 
-from tuneforge import chat_templates, env, models, plots, storage, tracking
+from tuneforge import chat_templates, classification, env, models, plots, storage, tracking
 from tuneforge.config import Config, DataSettings
 from tuneforge.data import prepared
 from tuneforge.data import report as data_report
@@ -56,14 +56,23 @@ def new_source_report(path: str) -> dict[str, Any]:
     return {"path": path, "format": None, "rows_read": 0, "ignored_columns": [], "dropped": Counter(), "kept": Counter()}
 
 
-def load_rows(data: DataSettings, sources: dict[str, dict[str, Any]]) -> tuple[list[Row], list[dict[str, str]]]:
-    """Every source's rows in the common schema, with what was read and dropped counted in `sources`."""
+def load_rows(data: DataSettings, sources: dict[str, dict[str, Any]],
+              task: str = "generation") -> tuple[list[Row], list[dict[str, str]]]:
+    """Every source's rows in the common schema, with what was read and dropped counted in `sources`. For task
+    classification every source holds classification rows."""
     rows, skipped = [], []
     for source in data.sources:
         records = read_records(source.path)
         stats = sources.setdefault(source.path, new_source_report(source.path))
         stats["rows_read"] += len(records)
         fmt = source.format
+        if task == "classification" and fmt not in ("auto", "classification"):
+            raise DataError(f"{source.path}: format {fmt} in data.sources, but task is classification: its rows are text "
+                            "(or sentence) and label; set the source's format to auto or classification")
+        if task != "classification" and fmt == "classification":
+            raise DataError(f"{source.path}: format classification in data.sources needs task: classification")
+        if task == "classification":
+            fmt = "classification"
         if fmt == "auto":
             first = next((r for _, r in records if isinstance(r, dict)), None)
             if first is None:
@@ -181,7 +190,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         raise DataError(f"the data changed after this run started (fingerprint {expected[:12]} then, {found['sha256'][:12]} "
                         f"now: {', '.join(o['source'] for o in found['objects'])}); run the pipeline again")
     sources: dict[str, dict[str, Any]] = {}
-    rows, skipped = load_rows(data, sources)
+    rows, skipped = load_rows(data, sources, config.task)
     model_path = models.resolve(config.base_model)
     tokenizer = models.load_tokenizer(model_path, config.base_model)
     template = chat_templates.resolve(data.chat_template, tokenizer)
@@ -191,8 +200,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     rows = mix(deduplicate(rows, sources) if data.dedupe else rows, data, sources)
     sft_rows = [r for r in rows if r.kind == "sft"]
     prepared_at = time.perf_counter()
-    kept: dict[str, list[dict[str, Any]]] = {"sft": [], "preference": [], "unpaired": []}
+    kept: dict[str, list[dict[str, Any]]] = {"sft": [], "preference": [], "unpaired": [], "classification": []}
     lengths = []
+    labels = _classification_rows([r for r in rows if r.kind == "classification"], config, tokenizer, sources, skipped,
+                                  kept["classification"], lengths)
     for row, (text, ids, mask) in zip(sft_rows, prepare_sft(renderer, sft_rows, data.num_proc), strict=True):
         prompt_tokens = mask.index(1) if 1 in mask else len(mask)
         if row.text is None and prompt_tokens >= data.max_length:
@@ -212,7 +223,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         lengths.append(len(ids))
         kept["sft"].append({"messages": row.messages, "text": text, "input_ids": ids, "assistant_masks": mask,
                             "held_out": row.held_out, "prompt_key": row.prompt_key(), "source": row.source})
-    for row in (r for r in rows if r.kind != "sft"):
+    for row in (r for r in rows if r.kind in ("preference", "unpaired")):
         rendered = renderer.preference(row)
         prompt_len = len(tokenizer(rendered["prompt"], add_special_tokens=False)["input_ids"])
         answers = [k for k in ("chosen", "rejected", "completion") if k in rendered]
@@ -244,9 +255,13 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
                     sources[r["source"]]["dropped"]["leakage"] += 1
                 splits[kind] = ([r for r in train if id(r) not in leaking], held)
 
-    if (config.sft.enabled or config.grpo.enabled) and not splits["sft"][0]:
+    if config.task == "classification":
+        _check_classification(splits["classification"], labels, sources)
+    elif (config.sft.enabled or config.grpo.enabled) and not splits["sft"][0]:
         raise empty_split_error("SFT training rows", sources, ("alpaca", "messages", "sharegpt", "prompt/completion", "text"))
-    if config.dpo.enabled and config.dpo.method == "kto":
+    if config.task == "classification":
+        pass
+    elif config.dpo.enabled and config.dpo.method == "kto":
         if not splits["preference"][0] and not splits["unpaired"][0]:
             raise empty_split_error("rows to train KTO on (dpo.method is kto)", sources, ("preference", "unpaired"))
     elif config.dpo.enabled and not splits["preference"][0]:
@@ -261,8 +276,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         log.warning("every SFT row is raw text: loss_on=assistant has no prompt to mask")
 
     tokenized_at = time.perf_counter()
-    (sft_train, sft_eval), (pref_train, pref_eval), (unpaired_train, unpaired_eval) = (
-        [[_bare(r) for r in part] for part in splits[kind]] for kind in ("sft", "preference", "unpaired"))
+    (sft_train, sft_eval), (pref_train, pref_eval), (unpaired_train, unpaired_eval), (class_train, class_eval) = (
+        [[_bare(r) for r in part] for part in splits[kind]] for kind in ("sft", "preference", "unpaired", "classification"))
     report = {
         "rows_read": sum(s["rows_read"] for s in sources.values()),
         "rows_by_format": dict(sum((Counter({s["format"]: sum(s["kept"].values())}) for s in sources.values()), Counter())),
@@ -276,20 +291,27 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         "preference_eval": len(pref_eval),
         "unpaired_train": len(unpaired_train),
         "unpaired_eval": len(unpaired_eval),
+        "classification_train": len(class_train),
+        "classification_eval": len(class_eval),
         "eval_tasks": len(eval_tasks),
         "leakage_rows": leak_count,
         "leakage_action": data.leakage,
-        "tokens_train": sum(len(r["input_ids"]) for r in sft_train),
+        "tokens_train": sum(len(r["input_ids"]) for r in sft_train + class_train),
         "token_length_max": max(lengths),
         "token_length_mean": round(sum(lengths) / len(lengths), 1),
     }
+    if labels:
+        report["labels"] = {"train": _label_counts(class_train, labels), "eval": _label_counts(class_eval, labels)}
     lineage = tracking.new_lineage(config, inputs)
     lineage.update(chat_template_sha256=chat_templates.template_hash(template), data_fingerprint=found["sha256"],
                    data_objects=found["objects"], data_rows={k: report[k] for k in data_report.SPLITS},
-                   data_mix={s["path"]: dict(s["kept"]) for s in report["sources"]})
+                   data_mix={s["path"]: dict(s["kept"]) for s in report["sources"]},
+                   **({"labels": labels} if labels else {}))
     with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
         prepared.write_sft(out / "sft_train.parquet", sft_train)
         prepared.write_sft(out / "sft_eval.parquet", sft_eval)
+        prepared.write_classification(out / "classification_train.parquet", class_train)
+        prepared.write_classification(out / "classification_eval.parquet", class_eval)
         for name, part in (("preference_train", pref_train), ("preference_eval", pref_eval),
                            ("unpaired_train", unpaired_train), ("unpaired_eval", unpaired_eval),
                            ("eval_tasks", eval_tasks)):
@@ -321,6 +343,55 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
                "write_track": done - tokenized_at, "total": done - started}
     log.info("data-prep seconds: %s", json.dumps({k: round(v, 3) for k, v in seconds.items()}))
     return tracker.result(report, output)
+
+
+def _classification_rows(rows: list[Row], config: Config, tokenizer, sources: dict[str, dict[str, Any]],
+                         skipped: list[dict[str, str]], kept: list[dict[str, Any]], lengths: list[int]) -> list[str]:
+    """Tokenize classification rows into `kept` (text, input_ids, label index), dropping those outside the length
+    limits; returns the label names (none without such rows)."""
+    if not rows:
+        return []
+    data, configured = config.data, config.classification.labels
+    names = classification.label_names([r.label for r in rows], configured)
+    encoded = tokenizer([r.text for r in rows])["input_ids"]
+    for row, ids in zip(rows, encoded, strict=True):
+        try:
+            label = classification.label_index(row.label, names, configured is not None)
+        except RowError as exc:
+            if data.on_error == "fail":
+                raise DataError(f"{row.where}: {exc}; or set data.on_error: skip to drop such rows") from None
+            skipped.append({"where": row.where, "reason": str(exc)})
+            sources[row.source]["dropped"]["malformed"] += 1
+            continue
+        reason = "too_long" if len(ids) > data.max_length else "too_short" if len(ids) < data.min_length else None
+        if reason:
+            sources[row.source]["dropped"][reason] += 1
+            continue
+        lengths.append(len(ids))
+        kept.append({"text": row.text, "input_ids": ids, "label": label, "held_out": row.held_out,
+                     "prompt_key": row.prompt_key(), "source": row.source})
+    return names
+
+
+def _check_classification(split_rows: tuple[list, list], labels: list[str], sources: dict[str, dict[str, Any]]) -> None:
+    train, held_out = split_rows
+    if not train:
+        raise empty_split_error("classification training rows (task is classification)", sources, ("classification",))
+    trained = {r["label"] for r in train}
+    if len(trained) < 2:
+        raise DataError(f"data-prep: every classification training row has the label {labels[train[0]['label']]!r}: a "
+                        "classifier needs at least two labels to learn from")
+    unseen = [labels[i] for i in range(len(labels)) if i not in trained]
+    if unseen:
+        log.warning("labels with no training row (the head can only learn them from nothing): %s", ", ".join(unseen))
+    if not held_out:
+        log.warning("no held-out classification rows (data.eval_fraction is 0 and no split: eval source): evaluate will "
+                    "have nothing to score")
+
+
+def _label_counts(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, int]:
+    found = Counter(r["label"] for r in rows)
+    return {name: found[i] for i, name in enumerate(labels)}
 
 
 def _bare(row: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,11 @@ ROUGE-L, and evaluate.lm_eval's lm-evaluation-harness tasks (lm_eval/TASK/METRIC
 data-prep recorded.
 Outputs: metrics.json, answers.jsonl (the candidate's answer to each eval task), report.md (sample generations side
 by side), before_after.png, loss_curves.png.
+
+A classifier (task: classification) is scored on the held-out classification rows instead: accuracy, macro-F1 and
+cross-entropy (eval_loss) for the base model with a new, untrained head (what the labels give without training), the
+champion and the candidate; the majority label's share is recorded beside them. confusion_matrix.png and per-label F1
+go into the report.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any
 import mlflow
 import torch
 
-from tuneforge import advice, chat_templates, checklist, models, plots, registry, scoring, storage, tracking
+from tuneforge import (advice, chat_templates, checklist, classification, models, plots, registry, scoring, storage,
+                       tracking)
 from tuneforge.config import Config, LmEvalSettings
 from tuneforge.data import prepared, readers
 from tuneforge.errors import SetupError, TuneforgeError
@@ -173,6 +179,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             f"chat template mismatch: data-prep recorded {recorded[:12]}, the model at {model_dir} carries "
             f"{carried[:12]}; evaluate the model with the data it was trained on"
         )
+    if config.task == "classification":
+        return evaluate_classifier(config, inputs, output, data_manifest, model_manifest, tokenizer)
     data = load_heldout(data_dir, config)
     if not any(data.values()):
         raise SetupError(f"{data_dir}: nothing held out to evaluate (no eval rows, pairs or tasks)")
@@ -248,6 +256,97 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         lineage.update(tracker.run_record())
         storage.write_manifest(out, STAGE, lineage, results)
     return tracker.result(results, output)
+
+
+def evaluate_classifier(config: Config, inputs: dict[str, Path], output: Path, data_manifest: dict[str, Any],
+                        model_manifest: dict[str, Any], tokenizer) -> dict[str, Any]:
+    data_dir, model_dir = Path(inputs["data"]), Path(inputs["model"])
+    labels = model_manifest["lineage"].get("labels")
+    if labels != data_manifest["lineage"].get("labels"):
+        raise SetupError(f"{model_dir} classifies into {labels}, {data_dir} holds the labels "
+                         f"{data_manifest['lineage'].get('labels')}; evaluate the model with the data it was trained on")
+    heldout = prepared.classification_split(data_dir, "eval")
+    rows = heldout.select(range(min(config.evaluate.max_examples, len(heldout)))).to_list()
+    if not rows:
+        raise SetupError(f"{data_dir}: no held-out classification rows to evaluate (data.eval_fraction above 0, or a "
+                         "source with split: eval)")
+    results: dict[str, Any] = {}
+    scored = {"base": models.resolve(config.base_model)}
+    with tempfile.TemporaryDirectory(prefix="tuneforge-champion-") as scratch:
+        if "champion" in inputs:
+            template = data_manifest["lineage"]["chat_template_sha256"]
+            champion_dir, results["champion_model_sha256"], error = _champion(inputs["champion"], template, Path(scratch),
+                                                                              config.storage.endpoint_url)
+            if not error and storage.read_manifest(Path(champion_dir), "merge")["lineage"].get("labels") != labels:
+                error = "it classifies into other labels than this run's"
+            if error:
+                log.warning("the champion is not re-scored: %s", error)
+                results["champion_error"] = error
+            else:
+                scored["champion"] = champion_dir
+        scored["candidate"] = str(model_dir)
+        confusions, per_label = {}, {}
+        for name, path in scored.items():
+            log.info("evaluating the %s model", name)
+            torch.manual_seed(config.sft.seed)  # the base model's untrained head, the same in every run
+            model = classification.load(path, config.base_model, labels, tokenizer.pad_token_id)
+            found = classification.score(model, rows, tokenizer.pad_token_id, config.evaluate.batch_size, len(labels))
+            del model
+            results[name] = {k: found[k] for k in ("accuracy", "macro_f1", "eval_loss")}
+            confusions[name], per_label[name] = found["confusion"], dict(zip(labels, found["f1_per_label"], strict=True))
+    counts = [sum(r["label"] == i for r in rows) for i in range(len(labels))]
+    results.update(trained_by="sft", labels=labels, heldout_rows=len(rows), label_counts=dict(zip(labels, counts, strict=True)),
+                   majority_accuracy=max(counts) / len(rows), confusion=confusions, f1_per_label=per_label)
+    results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
+    history_file = Path(inputs["sft"]) / "train_history.json" if "sft" in inputs else None
+    histories = {"sft": json.loads(history_file.read_text())} if history_file and history_file.exists() else {}
+    trained = {"sft": storage.read_manifest(Path(inputs["sft"]), "sft")} if "sft" in inputs else {}
+    results["checklist"] = checklist.from_training(config, results, data_manifest, trained, model_manifest, histories)
+    results["hyperparameter_warnings"] = advice.hyperparameter_warnings(config)
+    models_scored = tuple(scored)
+
+    lineage = tracking.inherit_lineage(model_manifest, config, inputs)
+    with tracking.stage_run(config, STAGE, lineage) as tracker, storage.staged_output(output) as out:
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        plots.scores(results, models_scored, out / "before_after.png")
+        plots.confusion_matrix(confusions["candidate"], labels, out / "confusion_matrix.png",
+                               f"candidate on {len(rows)} held-out rows (accuracy {results['candidate']['accuracy']:.3f})")
+        if histories:
+            plots.loss_curves(histories, out / "loss_curves.png")
+        (out / "report.md").write_text(_classifier_report(results, models_scored, bool(histories)))
+        for model_name in models_scored:
+            tracker.record(f"the {model_name} metrics", mlflow.log_metrics,
+                           {f"{model_name}/{k}": v for k, v in results[model_name].items()})
+        tracker.record("the majority label's share", mlflow.log_metric, "majority_accuracy", results["majority_accuracy"])
+        tracker.record("the checklist", mlflow.set_tags,
+                       {f"checklist.{i['key']}": i["status"] for i in results["checklist"]})
+        tracker.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
+        lineage.update(tracker.run_record())
+        storage.write_manifest(out, STAGE, lineage, results)
+    return tracker.result(results, output)
+
+
+def _classifier_report(results: dict[str, Any], models_scored: tuple[str, ...], curves: bool) -> str:
+    lines = ["# Evaluation: classifier", "",
+             f"All models on the same {results['heldout_rows']} held-out rows. The base model has a new, untrained "
+             f"head; the majority label ({max(results['label_counts'], key=results['label_counts'].get)}) is "
+             f"{results['majority_accuracy']:.3f} of the rows.", "",
+             "## The guide's checklist", "", checklist.markdown(results["checklist"]),
+             "| metric | " + " | ".join(models_scored) + " | candidate - base |", "|---" * (len(models_scored) + 2) + "|"]
+    for key in results["candidate"]:
+        cells = [f"{results[m][key]:.4f}" for m in models_scored]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {results['delta'][key]:+.4f} |")
+    if results.get("champion_error"):
+        lines += ["", f"The champion is not re-scored: {results['champion_error']}."]
+    lines += ["", "## F1 per label", "", "| label | held-out rows | " + " | ".join(models_scored) + " |",
+              "|---" * (len(models_scored) + 2) + "|"]
+    for label in results["labels"]:
+        cells = [f"{results['f1_per_label'][m][label]:.3f}" for m in models_scored]
+        lines.append(f"| {label} | {results['label_counts'][label]} | " + " | ".join(cells) + " |")
+    lines += ["", "![confusion matrix](confusion_matrix.png)", "", "![scores](before_after.png)", ""]
+    if curves:
+        lines += ["![loss curves](loss_curves.png)", ""]
+    return "\n".join(lines) + "\n"
 
 
 def _better(stage: str, tuned: dict[str, float], sft: dict[str, float], config: Config) -> tuple[str, str]:

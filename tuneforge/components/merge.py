@@ -5,7 +5,8 @@ otherwise the config's base model).
 Proof: on probe prompts, the merged model's logits match the adapter model's within merge.tolerance (both in
 fp32), or the stage fails. The cast to merge.dtype is measured too (max logit change, argmax agreement).
 Outputs: sharded safetensors in merge.dtype, the tokenizer with the training chat template, manifest.json.
-A full-weight input is only cast and re-saved.
+A full-weight input is only cast and re-saved. A classifier (task: classification) is merged the same way, its head
+read from the adapter, and checked on its class logits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import mlflow
 import torch
 
-from tuneforge import models, storage, tracking
+from tuneforge import classification, models, storage, tracking
 from tuneforge.config import Config
 from tuneforge.errors import MergeCheckError, SetupError
 
@@ -41,6 +42,8 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
              for p in PROBES]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     logits = model(**batch).logits.float()
+    if logits.dim() == 2:  # a classifier: one row of class logits per prompt
+        return logits
     return logits[batch["attention_mask"].bool()]
 
 
@@ -53,9 +56,15 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     tokenizer = models.load_tokenizer(str(model_dir), config.base_model)
     tokenizer.padding_side = "left"
     metrics: dict[str, Any] = {}
+    labels = lineage_in.get("labels") if lineage_in.get("task") == "classification" else None
+
+    def load(path: str):
+        if labels:
+            return classification.load(path, config.base_model, labels, tokenizer.pad_token_id)
+        return models.load_model(path, config.base_model)
 
     if lineage_in["kind"] == "full":
-        merged = models.load_model(str(model_dir), config.base_model)
+        merged = load(str(model_dir))
     else:
         if lineage_in.get("adapter_base") == "sft":
             if "base" not in inputs:
@@ -66,7 +75,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             base_path = str(inputs["base"])
         else:
             base_path = models.resolve(config.base_model)
-        base = models.load_model(base_path, config.base_model)
+        base = load(base_path)
         adapted = PeftModel.from_pretrained(base, str(model_dir))
         adapted.eval()
         before = probe_logits(adapted, tokenizer)
@@ -89,9 +98,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     metrics["cast_argmax_agreement"] = (reference.argmax(-1) == cast.argmax(-1)).float().mean().item()
 
     stop_ids = tokenizer.convert_tokens_to_ids(lineage_in.get("special_tokens", {}).get("stop", []))
-    if stop_ids:
+    if stop_ids and not labels:
         merged.generation_config.eos_token_id = sorted(set(stop_ids))
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not labels:
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
     lineage = tracking.inherit_lineage(manifest, config, inputs)
     lineage.pop("adapter_base", None)
     lineage.update(kind="full", dtype=config.merge.dtype)

@@ -1,6 +1,9 @@
 """Stage sft: supervised fine-tuning with trl's SFTTrainer (full, LoRA or QLoRA), on the hf or the Unsloth backend,
 in one process or several (`sft.distributed`: the stage starts itself again under torchrun).
 
+With task: classification it trains a sequence classifier instead (train_classifier): a classification head on the
+model, in full or with LoRA (the head then trained in full), scored on validation rows after each epoch.
+
 Inputs: data (a data-prep output).
 Outputs: the adapter (LoRA/QLoRA) or full weights, with the tokenizer and the training chat template,
 train_history.json, loss_curve.png and manifest.json. Checkpoints go to OUTPUT.checkpoints so that a killed
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tuneforge import backends, distributed, models, storage, tracking, training
+from tuneforge import backends, classification, distributed, models, storage, tracking, training
 from tuneforge.config import Config
 from tuneforge.data import prepared
 from tuneforge.errors import SetupError
@@ -57,6 +60,8 @@ def _check_packing(model, method: str) -> None:
 
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     settings = config.sft
+    if config.task == "classification":
+        return train_classifier(config, inputs, output)
     if distributed.needs_launch(settings):
         return distributed.launch(STAGE, config, inputs, output)
     from trl import SFTConfig, SFTTrainer
@@ -140,5 +145,81 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             resume=resume, has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=model_path,
             adapter_base=None if settings.method == "full" else config.base_model.source,
             trained_token_fraction=trained_fraction, padding=padding)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return tracker.result(metrics, output)
+
+
+def train_classifier(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
+    """The classifier of task: classification. Each epoch is scored on validation rows split from the training rows
+    (classification.validation_fraction) by accuracy and macro-F1; the checkpoint best by
+    classification.metric_for_best is the one kept, and training stops after early_stopping_patience epochs (2 when
+    unset) without improvement."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    settings = config.sft
+    data_dir = Path(inputs["data"])
+    data_manifest = storage.read_manifest(data_dir, "data-prep")
+    labels = data_manifest["lineage"].get("labels")
+    if not labels:
+        raise SetupError(f"{data_dir}: data-prep wrote no classification rows (it ran for task generation?); run "
+                         "data-prep with task: classification")
+    rows = prepared.classification_split(data_dir, "train")
+    if len(rows) < 2:
+        raise SetupError(f"{data_dir}: {len(rows)} classification training row(s): too few to hold validation rows out")
+    parts = rows.train_test_split(test_size=config.classification.validation_fraction, seed=settings.seed)
+    train, validation = parts["train"], parts["test"]
+    log.info("classifier: %d training rows, %d validation rows, labels %s", len(train), len(validation), labels)
+
+    model_path = models.resolve(config.base_model)
+    tokenizer = models.load_tokenizer(model_path, config.base_model)
+    tokenizer.chat_template = data_manifest["lineage"]["chat_template"]
+    checkpoints = training.checkpoint_dir(output)
+    resume = training.resume_from(settings, checkpoints, config.storage.endpoint_url)
+    torch.manual_seed(settings.seed)  # the new head's initial weights
+    model = classification.load(model_path, config.base_model, labels, tokenizer.pad_token_id)
+    peft_config = None
+    if settings.method == "lora":
+        peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules),
+                                           task_type="SEQ_CLS")  # peft trains and saves the head in full
+    lengths = [len(ids) for ids in train["input_ids"]]
+    attention = training.choose_attention(model, settings, max(lengths))
+    batching, batching_reason = training.choose_batching(settings, model, attention, lengths, padding_free=False)
+    log.info("batching: %s (%s)", batching, batching_reason)
+
+    patience = settings.early_stopping_patience or 2
+    metric = config.classification.metric_for_best
+    every = {"eval_strategy": "steps", "eval_steps": settings.eval_steps, "save_strategy": "steps",
+             "save_steps": settings.eval_steps} if settings.eval_steps else {"eval_strategy": "epoch",
+                                                                             "save_strategy": "epoch"}
+    args = TrainingArguments(**{
+        **training.trainer_arguments(settings, checkpoints, has_eval=True, batching=batching),
+        **every, "load_best_model_at_end": True, "metric_for_best_model": metric,
+        "greater_is_better": metric != "eval_loss"})
+    lineage = tracking.inherit_lineage(data_manifest, config, inputs)
+    lineage.update(task="classification", labels=labels, attention=attention, backend="hf", method=settings.method,
+                   batching=batching, batching_reason=batching_reason, validation_rows=len(validation),
+                   metric_for_best=metric, early_stopping_patience=patience)
+    with training.stage_outputs(config, STAGE, lineage, output) as (tracker, out):
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=validation,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer,
+            compute_metrics=classification.trainer_metrics,
+            callbacks=training.callbacks(settings.model_copy(update={"early_stopping_patience": patience}), "sft/",
+                                         tracker, config.storage.endpoint_url),
+        )
+        trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
+        metrics = training.train_and_save(
+            trainer, stage=STAGE, title=f"classifier ({settings.method})", tracker=tracker, out=out, lineage=lineage,
+            resume=resume, has_eval=True, tokenizer=tokenizer, tokenizer_source=model_path,
+            adapter_base=None if settings.method == "full" else config.base_model.source,
+            trained_token_fraction=None, padding=padding)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)

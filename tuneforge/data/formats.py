@@ -28,6 +28,8 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "context", "output", "response", "system"),
     "prompt_completion": ("prompt", "completion", "system"),
     "text": ("text",),
+    # task: classification only (never detected for generation: a text row with a label column is still a text row).
+    "classification": ("text", "sentence", "label"),
 }
 SHAPES = {
     "preference": "chosen, rejected[, prompt | question | input] (strings, message lists, or Human:/Assistant: transcripts)",
@@ -37,6 +39,7 @@ SHAPES = {
     "alpaca": "instruction, output | response[, input | context]",
     "prompt_completion": "prompt, completion",
     "text": "text",
+    "classification": "text | sentence, label (a string or an integer; task: classification)",
 }
 
 
@@ -58,12 +61,12 @@ class Row:
     `messages` + chosen (the completion) + label for an unpaired (KTO) row."""
 
     where: str
-    kind: str  # "sft", "preference" or "unpaired"
+    kind: str  # "sft", "preference", "unpaired" or "classification"
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     chosen: str | None = None
     rejected: str | None = None
-    label: bool | None = None
+    label: bool | str | int | None = None  # unpaired: good or bad; classification: the class, as the row gives it
     source: str = ""
     held_out: bool = False  # from a source with split: eval
 
@@ -72,6 +75,8 @@ class Row:
 
     def prompt_key(self) -> str | None:
         """The row's prompt, normalised (case, whitespace), to find the same prompt in training and held-out data."""
+        if self.kind == "classification":
+            return normalised(self.text)
         if not self.messages:
             return None
         turns = self.messages[:-1] if self.kind == "sft" and self.messages[-1]["role"] == "assistant" else self.messages
@@ -211,6 +216,8 @@ def normalize(record: Any, fmt: str, where: str) -> Row:
         return _preference(record, where)
     if fmt == "unpaired":
         return _unpaired(record, where)
+    if fmt == "classification":
+        return _classification(record, where)
     raise RowError(f"unknown format {fmt!r}")
 
 
@@ -294,6 +301,14 @@ def _unpaired(record: dict, where: str) -> Row:
     if isinstance(completion, list):
         prompt, completion = prompt + completion[:-1], completion[-1]["content"]
     return Row(where, "unpaired", messages=_with_system(prompt, record, "system"), chosen=completion, label=label)
+
+
+def _classification(record: dict, where: str) -> Row:
+    text = _string(record, "sentence" if "sentence" in record and "text" not in record else "text", empty="empty_text")
+    label = record.get("label")
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, str) and not label.strip()):
+        raise RowError(f"field 'label' must be a class name or an integer, got {label!r}")
+    return Row(where, "classification", text=text, label=label.strip() if isinstance(label, str) else label)
 
 
 TASK_METRICS = ("exact_match", "contains", "rouge_l")

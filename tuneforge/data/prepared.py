@@ -4,6 +4,7 @@
     preference_{train,eval}.jsonl   rendered prompt, chosen, rejected
     unpaired_{train,eval}.jsonl     rendered prompt, completion, label (KTO-style rows)
     eval_tasks.jsonl                messages, the rendered prompt, expected, metric
+    classification_{train,eval}.parquet   text, input_ids, label (the index of the label in the manifest's labels)
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ SFT_SCHEMA = pa.schema(
         ("assistant_masks", pa.list_(pa.int8())),
     ]
 )
+
+
+CLASSIFICATION_SCHEMA = pa.schema([("text", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label", pa.int32())])
+
+
+def write_classification(path: Path, rows: list[dict[str, Any]]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=CLASSIFICATION_SCHEMA), path)
+
+
+def classification_split(data_dir: Path, split: str):
+    """The tokenized rows of a classification split as a datasets.Dataset (input_ids, label)."""
+    from datasets import Dataset
+
+    table = pq.read_table(Path(data_dir) / f"classification_{split}.parquet", columns=["input_ids", "label"])
+    return Dataset(table)
 
 
 def write_sft(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 SPLITS = ("rows_read", "sft_train", "sft_eval", "preference_train", "preference_eval", "unpaired_train", "unpaired_eval",
-          "eval_tasks")
+          "classification_train", "classification_eval", "eval_tasks")
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# Data report", "", "| | rows |", "|---|---|"]
     lines += [f"| {key} | {report[key]} |" for key in SPLITS]
+    if "labels" in report:
+        lines += ["", "## Labels", "", "| label | train | held out |", "|---|---|---|"]
+        lines += [f"| {name} | {n} | {report['labels']['eval'][name]} |" for name, n in report["labels"]["train"].items()]
     lines += ["", "## Sources", "", "| file | format | read | kept | dropped | columns ignored |", "|---|---|---|---|---|---|"]
     for source in report["sources"]:
         kept = ", ".join(f"{kind} {n}" for kind, n in source["kept"].items()) or "none"

@@ -95,6 +95,8 @@ class Console:
         for stage, entry in summary.get("stages", {}).items():
             metric = key_metric(stage, entry)
             rows.append(f"  {stage:<12} {entry['status']:<10} {self.seconds.get(stage, 0):>6.0f} s  {metric}")
+        for stage, why in summary.get("skipped", {}).items():
+            rows.append(f"  {stage:<12} {'skipped':<10} {'':>8}  {why}")
         self._print("\n" + "\n".join(["  stage        status     seconds  key metric", *rows]))
 
 
@@ -108,7 +110,12 @@ def key_metric(stage: str, entry: dict[str, Any]) -> str:
         return ""
     metrics = manifest["metrics"]
     if stage == "data-prep":
+        if metrics.get("classification_train"):
+            return f"{metrics['classification_train']} labelled rows, {len(metrics['labels']['train'])} labels"
         return f"{metrics['sft_train']} SFT rows, {metrics['preference_train']} pairs"
+    if stage == "sft" and "eval_accuracy" in metrics:
+        return (f"train loss {metrics['train_loss']:.4g}, validation accuracy {metrics['eval_accuracy']:.3g} "
+                f"(step {metrics.get('kept_step', metrics['steps'])} kept)")
     if stage in ("sft", "dpo"):
         guard = manifest["lineage"].get("likelihood_guard", {})
         tripped = "; the likelihood guard tripped" if guard.get("tripped") else ""

@@ -42,7 +42,7 @@ def gguf_uri(model: dict[str, Any], gguf_type: str | None) -> tuple[str, str]:
     files = model["gguf_files"]
     if not files:
         raise ConfigError(f"{model['name']} version {model['version']} has no GGUF files: it was registered with "
-                          "export.enabled false")
+                          "export.enabled false, or it is a classifier (task classification)")
     gguf_type = gguf_type or next(iter(files))
     if gguf_type not in files:
         raise ConfigError(f"--gguf-type {gguf_type}: version {model['version']} has {', '.join(files)}")

@@ -20,7 +20,7 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from tuneforge import env, registry, sizing, stages, tracking
-from tuneforge.config import Config
+from tuneforge.config import NO_GGUF_FOR_CLASSIFIERS, Config
 from tuneforge.errors import ConfigError
 from tuneforge.pipelines import components as c
 from tuneforge.pipelines import pod, trainjob
@@ -185,7 +185,7 @@ def build(config: Config, local: bool = False):
 
             def publish(model) -> None:
                 extra = {}
-                if config.export.enabled:
+                if config.exports_gguf:
                     extra["gguf"] = stage("export-gguf", c.export_gguf, model=model).outputs["gguf"]
                     if serve_checked(config):
                         extra["serving"] = stage("serve-check", c.serve_check, data=data, gguf=extra["gguf"],
@@ -356,7 +356,7 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
                                        f"{summary['mlflow']['run_id']}?workflowType=machine_learning")
     if "evaluate" in outputs:
         results = json.loads((outputs["evaluate"] / "manifest.json").read_text())["metrics"]
-        keys = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "task_exact_match")
+        keys = ("eval_loss", "perplexity", "preference_accuracy", "task_score", "task_exact_match", "accuracy", "macro_f1")
         scored = [m for m in ("base", "champion", "sft", "dpo", "grpo", "candidate") if m in results]
         summary["metrics"] = {m: {k: round(results[m][k], 4) for k in keys if k in results[m]} for m in scored}
         if results.get("champion_error"):
@@ -381,6 +381,8 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
                                   "tokens_per_second": round(r["tokens_per_second"], 1),
                                   "agreement": {m: round(c["agreement"], 4) for m, c in r["by_metric"].items()}}
                               for t, r in served.items()}
+    if config.task == "classification" and config.export.enabled:
+        summary["skipped"] = {"export-gguf": NO_GGUF_FOR_CLASSIFIERS, "serve-check": "no GGUF files to serve"}
     summary["artifacts"] = {k: str(outputs[k]) for k in ("merge", "evaluate", "export-gguf", "serve-check") if k in outputs}
     return summary
 
