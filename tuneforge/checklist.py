@@ -107,7 +107,8 @@ def from_export(items: list[dict[str, str]], template_sha256: str, export: dict[
                 gguf_templates: dict[str, str]) -> list[dict[str, str]]:
     """register's additions: the chat template inside each GGUF file, and llama.cpp's verification of each."""
     if export is None:
-        return [*items, _item("GGUF files verified in llama.cpp", None, "no GGUF files (export.enabled is false, or task classification)")]
+        return [*items, _item("GGUF files verified in llama.cpp", None,
+                              "no GGUF files (export.enabled is false, or task classification)")]
     same = all(h == template_sha256 for h in gguf_templates.values())
     checks = export["metrics"]["types"]
     verified = all(c.get("tokenizer_agreement", 1.0) == 1.0 for c in checks.values())

@@ -671,6 +671,9 @@ class Config(Strict):
                              "token, so rows are never packed; use sft.batching auto, padded or grouped")
         if self.sft.backend == "unsloth":
             raise ValueError("sft.backend unsloth: task classification trains on the hf backend")
+        if self.data.eval_tasks:
+            raise ValueError("data.eval_tasks: generation tasks; task classification is evaluated on held-out labelled "
+                             "rows (data.eval_fraction, or a source with split: eval)")
         if self.sft.distributed.nodes > 1 or self.sft.distributed.processes not in ("auto", 1):
             raise ValueError("sft.distributed: task classification trains in one process")
         if "primary_metric" not in self.registry.model_fields_set:

@@ -193,7 +193,9 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     rows, skipped = load_rows(data, sources, config.task)
     model_path = models.resolve(config.base_model)
     tokenizer = models.load_tokenizer(model_path, config.base_model)
-    template = chat_templates.resolve(data.chat_template, tokenizer)
+    # A classifier reads the text as it is: a chat template is kept only where there is one (base models have none).
+    needs_template = config.task == "generation" or data.chat_template or tokenizer.chat_template
+    template = chat_templates.resolve(data.chat_template, tokenizer) if needs_template else ""
     renderer = Renderer(tokenizer, template, data.system_prompt)
     eval_tasks = read_eval_tasks(data.eval_tasks, renderer) if data.eval_tasks else []
 

@@ -30,8 +30,7 @@ from typing import Any
 import mlflow
 import torch
 
-from tuneforge import (advice, chat_templates, checklist, classification, models, plots, registry, scoring, storage,
-                       tracking)
+from tuneforge import advice, chat_templates, checklist, classification, models, plots, registry, scoring, storage, tracking
 from tuneforge.config import Config, LmEvalSettings
 from tuneforge.data import prepared, readers
 from tuneforge.errors import SetupError, TuneforgeError

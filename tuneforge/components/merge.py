@@ -39,7 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @torch.no_grad()
 def probe_logits(model, tokenizer) -> torch.Tensor:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in PROBES]
+             for p in PROBES] if tokenizer.chat_template else PROBES
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     logits = model(**batch).logits.float()
     if logits.dim() == 2:  # a classifier: one row of class logits per prompt
