@@ -113,7 +113,8 @@ def test_the_compiled_package_with_real_s3_and_mlflow_publishes_registers_and_le
     assert version.tags["data_sha256"] and version.tags["metric.eval_loss"]
     # MLflow's artifacts went through the server into the bucket too.
     assert _client(stack).list_objects_v2(Bucket="tuneforge", Prefix="mlflow-artifacts/").get("KeyCount", 0) > 0
-    assert_secrets_nowhere([stack["AWS_SECRET_ACCESS_KEY"], package[1]["MLFLOW_TRACKING_TOKEN"]], stack, result, root,
+    assert_secrets_nowhere([stack["AWS_SECRET_ACCESS_KEY"], stack["MLFLOW_TRACKING_PASSWORD"],
+                            package[1]["MLFLOW_TRACKING_TOKEN"]], stack, result, root,
                            client, run_id, package[1])
 
 
@@ -152,7 +153,8 @@ def test_the_compiled_package_runs_in_its_images_as_a_cluster_would_and_matches_
     assert inside["registered_model"]["outcome"].startswith("unchanged"), inside["registered_model"]
 
     client = mlflow.MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
-    assert_secrets_nowhere([stack["AWS_SECRET_ACCESS_KEY"], package[1]["MLFLOW_TRACKING_TOKEN"]], stack, inside_result,
+    assert_secrets_nowhere([stack["AWS_SECRET_ACCESS_KEY"], stack["MLFLOW_TRACKING_PASSWORD"],
+                            package[1]["MLFLOW_TRACKING_TOKEN"]], stack, inside_result,
                            tmp_path, client, inside["mlflow"]["run_id"], package[1])
 
 

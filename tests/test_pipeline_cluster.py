@@ -77,9 +77,12 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
 
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     sft_k8s = k8s["exec-sft"]
-    secrets = {s["secretName"]: [e["envVar"] for e in s["keyToEnv"]] for s in sft_k8s["secretAsEnv"]}
-    assert secrets == {"tuneforge-s3": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"],
-                       "tuneforge-mlflow": ["MLFLOW_TRACKING_URI"]}
+    secrets = [(s["secretName"], [e["envVar"] for e in s["keyToEnv"]], s.get("optional", False))
+               for s in sft_k8s["secretAsEnv"]]
+    # The MLflow identity (a server with authentication) is taken where the Secret has it.
+    assert secrets == [("tuneforge-s3", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"], False),
+                       ("tuneforge-mlflow", ["MLFLOW_TRACKING_URI"], False),
+                       ("tuneforge-mlflow", ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"], True)]
     assert sft_k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert sft_k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert sft_k8s["pvcMount"][0]["mountPath"] == "/cache"

@@ -136,7 +136,7 @@ def test_registry_gate_both_ways_and_rollback(s3_env):
         registry.rollback(client, name)
 
 
-def test_manual_approval_waits_for_a_person_both_ways(s3_env):
+def test_manual_approval_waits_for_a_person_both_ways(stack, s3_env, monkeypatch):
     """registry.approval: manual: a candidate that passes the gate waits as approved-pending and only `tuneforge
     promote` (the approval) makes it champion, recording who and when; one that fails the gate does not wait."""
     from conftest import cli
@@ -155,12 +155,18 @@ def test_manual_approval_waits_for_a_person_both_ways(s3_env):
     assert first["aliases"] == ["approved-pending", "challenger"] and registry.current_champion(client, name) is None
     assert any("tuneforge promote approval-test 1" in r for r in first["decision"]["reasons"])
 
-    approved = cli("promote", name, "1", "--by", "alice", "--tracking-uri", s3_env["MLFLOW_TRACKING_URI"])
+    # The approval is the approver's (services up made the identity); it records who the server authenticated.
+    folder = stack[0]
+    for key, value in services.Stack(folder).state()["identities"]["approver"].items():
+        monkeypatch.setenv(key, value)
+    approved = cli("promote", name, "1", "--tracking-uri", s3_env["MLFLOW_TRACKING_URI"])
     assert approved.exit_code == 0, approved.stderr
-    assert json.loads(approved.stdout)["approved_by"] == "alice"
+    assert json.loads(approved.stdout)["approved_by"] == "approver"
     version = client.get_model_version(name, "1")
     assert sorted(version.aliases) == ["challenger", "champion"]  # approved-pending is gone
-    assert version.tags["approved_by"] == "alice" and version.tags["approved_at"].endswith("Z")
+    assert version.tags["approved_by"] == "approver" and version.tags["approved_at"].endswith("Z")
+    for key, value in s3_env.items():  # the pipeline's identity again
+        monkeypatch.setenv(key, value)
 
     rejected = register(0.3)  # worse than the champion: nothing to approve
     assert not rejected["decision"]["approval_pending"] and rejected["aliases"] == ["challenger"]

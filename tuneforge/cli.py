@@ -316,11 +316,13 @@ FolderOption = Annotated[Path, typer.Option(help="Where the services keep data, 
 
 
 @services_app.command("up")
-def services_up(folder: FolderOption = Path("runs/services")) -> None:
+def services_up(folder: FolderOption = Path("runs/services"),
+                auth: Annotated[bool, typer.Option(help="MLflow with users and permissions (tuneforge-auth); --no-auth: "
+                                                        "anyone who reaches it may use it.")] = True) -> None:
     """Start both services (or report the running ones); prints how to point tuneforge at them."""
     from tuneforge import services
 
-    found = services.up(folder)
+    found = services.up(folder, auth=auth)
     typer.echo(f"S3 (SeaweedFS): {found['AWS_ENDPOINT_URL']}, bucket {found[env.S3_BUCKET]}")
     typer.echo(f"MLflow:         {found['MLFLOW_TRACKING_URI']}")
     typer.echo(f"Credentials and endpoints: source {services.Stack(folder.resolve()).env_file}")
@@ -372,6 +374,19 @@ def registry_rollback(name: str, tracking_uri: TrackingOption = None) -> None:
     typer.echo(json.dumps(registry.rollback(_client(tracking_uri), name)))
 
 
+@registry_app.command("approval")
+def registry_approval(name: str, mode: Annotated[str, typer.Argument(help="manual or auto")],
+                      user: Annotated[str, typer.Option(help="The identity that registers (the pipeline's).")] = "pipeline",
+                      tracking_uri: TrackingOption = None) -> None:
+    """As an approver: set NAME's approval mode on a server with authentication. auto gives USER MANAGE on NAME (it
+    promotes what passes the gate); manual leaves it EDIT (it registers; an approver promotes)."""
+    from tuneforge import registry
+
+    if mode not in ("manual", "auto"):
+        _fail(f"mode {mode!r}: manual or auto")
+    typer.echo(json.dumps(registry.set_approval_as_approver(_client(tracking_uri), name, mode, user)))
+
+
 @app.command()
 def promote(name: str, version: str, tracking_uri: TrackingOption = None,
             by: Annotated[str | None, typer.Option(help="Who approves; default $USER.")] = None) -> None:
@@ -379,10 +394,16 @@ def promote(name: str, version: str, tracking_uri: TrackingOption = None,
     (registry.approval: manual), or any version. Records who and when."""
     from tuneforge import registry
 
-    who = by or os.environ.get("USER") or os.environ.get("LOGNAME")
+    client = _client(tracking_uri)
+    # Where the server authenticates its callers, the approval records who it authenticated, not a typed name.
+    who = registry.authenticated_user(client.tracking_uri)
+    if who and by and by != who:
+        _fail(f"--by {by}: the MLflow server authenticates this command as {who!r}, and an approval records who the "
+              "server authenticated; drop --by, or use the approver's credentials")
+    who = who or by or os.environ.get("USER") or os.environ.get("LOGNAME")
     if not who:
         _fail("who approves? pass --by NAME (USER is not set)")
-    typer.echo(json.dumps(registry.promote(_client(tracking_uri), name, version, who)))
+    typer.echo(json.dumps(registry.promote(client, name, version, who)))
 
 
 @app.command()

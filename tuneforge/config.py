@@ -573,7 +573,8 @@ class ClusterSettings(Strict):
         "tuneforge-s3", description="Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL."
     )
     mlflow_secret: str | None = Field(
-        "tuneforge-mlflow", description="Kubernetes Secret with MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_TOKEN if any)."
+        "tuneforge-mlflow", description="Kubernetes Secret with MLFLOW_TRACKING_URI and, for a server with "
+        "authentication, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the pipeline identity's).",
     )
     model_cache_pvc: str | None = Field(None, description="PVC mounted at /cache for base models (TUNEFORGE_CACHE).")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for GPU stages.")

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "approved-pending"
 LOCK_SUFFIX = "promotion-lock"
+# A registered model's approval mode (registry.approval); on a server with tuneforge-auth it decides who may promote.
+APPROVAL_TAG = "tuneforge.approval"
+CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 
 
@@ -126,11 +129,7 @@ def register(client: MlflowClient, name: str, source: str, run_id: str, tags: di
     """Register the candidate unless the registry already holds the same model, decide on promotion, and describe the
     version with `card(result)` (Markdown). `evaluation` is evaluate's metrics: base, candidate and, when it re-scored
     the champion, champion with champion_model_sha256."""
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    set_approval(client, name, settings.approval)
     candidate = evaluation["candidate"]
     version_tags = {**{k: str(v) for k, v in tags.items()}, **{f"metric.{k}": str(v) for k, v in candidate.items()},
                     "model_sha256": model_sha256}
@@ -165,6 +164,46 @@ def register(client: MlflowClient, name: str, source: str, run_id: str, tags: di
             client.update_model_version(name, number, description=card(result))
     log.info("registered %s version %s: %s", name, number, decision)
     return result
+
+
+def set_approval(client: MlflowClient, name: str, approval: str) -> None:
+    """Create NAME if new, tagged with its approval mode (APPROVAL_TAG), or retag it when registry.approval changed. On a
+    server with tuneforge-auth the tag decides who may move champion: under manual the registering identity holds EDIT
+    only, and only an approver (MANAGE) may set auto."""
+    try:
+        client.create_registered_model(name, tags={APPROVAL_TAG: approval})
+        return
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    if client.get_registered_model(name).tags.get(APPROVAL_TAG) == approval:
+        return
+    try:
+        client.set_registered_model_tag(name, APPROVAL_TAG, approval)
+    except MlflowException as err:
+        if err.get_http_status_code() != 403:
+            raise
+        raise RegistryError(f"{name} is registered under manual approval, and registry.approval is auto: the server lets "
+                            f"only an approver allow this identity to promote (as the approver: tuneforge registry "
+                            f"approval {name} auto), or set registry.approval: manual") from None
+
+
+def set_approval_as_approver(client: MlflowClient, name: str, approval: str, user: str) -> dict[str, str]:
+    """An approver's decision on NAME: its approval tag, and USER's permission on it (MANAGE under auto, EDIT under
+    manual), through the basic-auth app's permission API."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with _refusals(f"setting the approval of {name}"):
+        client.get_registered_model(name)
+        client.set_registered_model_tag(name, APPROVAL_TAG, approval)
+        permissions = AuthServiceClient(client.tracking_uri)
+        try:
+            permissions.revoke_user_permission(user, "registered_model", name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        permissions.grant_user_permission(user, "registered_model", name, "MANAGE" if approval == "auto" else "EDIT")
+    return {"name": name, "approval": approval, "user": user, "permission": "MANAGE" if approval == "auto" else "EDIT"}
 
 
 def outcome(result: dict[str, Any]) -> str:
@@ -229,7 +268,35 @@ def _refusals(what: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as err:
+        if err.get_http_status_code() == 401:
+            raise credentials_refused() from None
         raise RegistryError(f"{what}: the registry answered {err.error_code}: {str(err).splitlines()[0][:300]}") from None
+
+
+def credentials_refused() -> RegistryError:
+    """The server's 401, said without the secret: whose credentials, and where they come from."""
+    import os
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"the credentials of user {user!r}" if user else "a request without credentials"
+    return RegistryError(f"the MLflow server refused {who} (401 Unauthorized): set {CREDENTIALS} (after `tuneforge "
+                         "services up`: source the folder's env, or approver.env to promote)")
+
+
+def authenticated_user(tracking_uri: str) -> str | None:
+    """Who the tracking server says the caller is (its basic-auth app), or None where it authenticates no one."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    response = http_request(get_default_host_creds(tracking_uri), "/api/2.0/mlflow/users/current", "GET",
+                            max_retries=0)
+    if response.status_code == 401:
+        raise credentials_refused()
+    if response.status_code != 200:
+        return None  # a server without the auth app: no such route
+    return response.json().get("user", {}).get("username")
 
 
 def _existing_version(client: MlflowClient, name: str, version: str):

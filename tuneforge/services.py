@@ -1,9 +1,14 @@
 """The real stack on one machine: a SeaweedFS S3 server and an MLflow tracking server (SQLite backend,
 artifacts proxied to that S3), on 127.0.0.1 with generated credentials.
 
+MLflow runs with authentication (tuneforge.mlflow_auth: MLflow's basic-auth app, where moving `champion` takes MANAGE
+on the model) unless `auth` is off. Three users: `admin` (MLflow's administrator, for managing users only),
+`pipeline` (what runs log and register as; its credentials are in `env`) and `approver` (MANAGE on every registered
+model: promotes and rolls back; its credentials are in `approver.env`).
+
 State lives in a folder (default WORKDIR/services): data, logs, pids, and `env`, a file of the variables
-clients need (source it, or let `tuneforge` read it). Secrets stay in that file (mode 600) and are never
-printed.
+clients need (source it, or let `tuneforge` read it). Secrets stay in mode-600 files (`env`, `approver.env`,
+`admin.env`, `auth.ini`, `state.json`) and are never printed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tuneforge import env as tf_env
 from tuneforge.errors import ServiceError
 
 BUCKET = "tuneforge"
+PIPELINE_USER, APPROVER_USER, ADMIN_USER = "pipeline", "approver", "admin"
 
 
 @dataclass
@@ -38,6 +44,10 @@ class Stack:
     @property
     def env_file(self) -> Path:
         return self.folder / "env"
+
+    @property
+    def approver_env_file(self) -> Path:
+        return self.folder / "approver.env"
 
     def state(self) -> dict | None:
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
@@ -140,13 +150,68 @@ def start_seaweedfs(folder: Path, s3_config: Path, ports: dict[str, int]) -> tup
     return process, url
 
 
-def start_mlflow(folder: Path, port: int, artifacts_destination: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def _secret_file(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+
+
+def auth_secrets(folder: Path) -> dict[str, str]:
+    """The passwords of the three users and the server's CSRF key: made once, kept in FOLDER/credentials.json (mode
+    600), the same on every later `up` (the auth store keeps the users)."""
+    path = folder / "credentials.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    found = {ADMIN_USER: secrets.token_urlsafe(24), PIPELINE_USER: secrets.token_urlsafe(24),
+             APPROVER_USER: secrets.token_urlsafe(24), "flask_secret_key": secrets.token_hex(32)}
+    _secret_file(path, json.dumps(found))
+    return found
+
+
+def auth_server_env(folder: Path, passwords: dict[str, str]) -> dict[str, str]:
+    """What the MLflow server needs for authentication: its auth config (the admin created on first start, users
+    READ on what they did not create), the CSRF key, and who approves."""
+    config = folder / "auth.ini"
+    _secret_file(config, "[mlflow]\ndefault_permission = READ\n"
+                 f"database_uri = sqlite:///{folder / 'auth.db'}\n"
+                 f"admin_username = {ADMIN_USER}\nadmin_password = {passwords[ADMIN_USER]}\n"
+                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                 # Each request's password check is a PBKDF2 hash, about a third of a small request's time; cached for a
+                 # minute per worker (a changed password reaches the other worker within it).
+                 "auth_cache_ttl_seconds = 60\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": passwords["flask_secret_key"],
+            "TUNEFORGE_APPROVERS": APPROVER_USER}
+
+
+def create_users(url: str, passwords: dict[str, str]) -> None:
+    """The pipeline and approver users, created by the admin (already there after a restart: left as they are)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN_USER, MLFLOW_TRACKING_PASSWORD=passwords[ADMIN_USER])
+    try:
+        client = AuthServiceClient(url)
+        for user in (PIPELINE_USER, APPROVER_USER):
+            try:
+                client.create_user(user, passwords[user])
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise ServiceError(f"creating the MLflow user {user} failed: {str(err).splitlines()[0]}") from None
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def start_mlflow(folder: Path, port: int, artifacts_destination: str, env: dict[str, str],
+                 auth: bool = False) -> tuple[subprocess.Popen, str]:
     """Start an MLflow tracking server with its SQLite store in FOLDER/mlflow.db, proxying artifacts to
-    ARTIFACTS_DESTINATION; return it and its URL once it answers. The same folder and port start it again."""
+    ARTIFACTS_DESTINATION (with `auth`, tuneforge-auth's users and permissions, the env holding auth_server_env);
+    return it and its URL once it answers. The same folder and port start it again."""
     log = folder / "mlflow.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts_destination],
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts_destination,
+         *(["--app-name", "tuneforge-auth"] if auth else [])],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
@@ -155,8 +220,9 @@ def start_mlflow(folder: Path, port: int, artifacts_destination: str, env: dict[
     return process, url
 
 
-def up(folder: Path) -> dict[str, str]:
-    """Start SeaweedFS and MLflow (or return the running ones' environment)."""
+def up(folder: Path, auth: bool = True) -> dict[str, str]:
+    """Start SeaweedFS and MLflow (or return the running ones' environment: the pipeline user's). `auth` false: an MLflow
+    server anyone who reaches it may use, as before authentication existed."""
     stack = Stack(Path(folder).resolve())
     state = stack.state()
     if state and all(_alive(pid) for pid in state["pids"].values()):
@@ -177,15 +243,28 @@ def up(folder: Path) -> dict[str, str]:
               "AWS_DEFAULT_REGION": "us-east-1"}
     _create_bucket(s3_env)
 
+    server_env = {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
+    passwords = auth_secrets(stack.folder) if auth else {}
+    if auth:
+        server_env.update(auth_server_env(stack.folder, passwords))
     mlflow_process, mlflow_url = start_mlflow(
-        stack.folder, free_port_pair(), f"s3://{BUCKET}/mlflow-artifacts", {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
-    )
+        stack.folder, free_port_pair(), f"s3://{BUCKET}/mlflow-artifacts", server_env, auth=auth)
     env = {**s3_env, "MLFLOW_TRACKING_URI": mlflow_url, tf_env.S3_BUCKET: BUCKET}
-    state = {"pids": {"seaweedfs": weed_process.pid, "mlflow": mlflow_process.pid}, "env": env}
-    stack.state_file.write_text(json.dumps(state))
-    os.chmod(stack.state_file, 0o600)
-    stack.env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-    os.chmod(stack.env_file, 0o600)
+    identities = {}
+    if auth:
+        create_users(mlflow_url, passwords)
+        identities = {user: {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": passwords[user]}
+                      for user in (PIPELINE_USER, APPROVER_USER, ADMIN_USER)}
+        env.update(identities[PIPELINE_USER])
+    state = {"pids": {"seaweedfs": weed_process.pid, "mlflow": mlflow_process.pid}, "env": env, "auth": auth,
+             "identities": identities}
+    _secret_file(stack.state_file, json.dumps(state))
+    _secret_file(stack.env_file, "".join(f"export {k}={v}\n" for k, v in env.items()))
+    for user, path in ((APPROVER_USER, stack.approver_env_file), (ADMIN_USER, stack.folder / "admin.env")):
+        if auth:
+            _secret_file(path, "".join(f"export {k}={v}\n" for k, v in {**env, **identities[user]}.items()))
+        else:
+            path.unlink(missing_ok=True)
     return env
 
 
@@ -231,4 +310,6 @@ def status(folder: Path) -> dict[str, object]:
         "s3_endpoint": state["env"]["AWS_ENDPOINT_URL"],
         "mlflow_tracking_uri": state["env"]["MLFLOW_TRACKING_URI"],
         "env_file": str(stack.env_file),
+        "authentication": "on: users " + ", ".join(state.get("identities", {})) + f" (the approver's variables in "
+                          f"{stack.approver_env_file})" if state.get("auth") else "off",
     }

@@ -17,7 +17,7 @@ import requests
 import tuneforge
 from tuneforge import env
 from tuneforge.config import Config
-from tuneforge.errors import TrackingError
+from tuneforge.errors import ConfigError, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,17 @@ def setup(config: Config) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = exported
-    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    try:
+        experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    except mlflow.exceptions.MlflowException as err:
+        if err.get_http_status_code() != 401:
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        raise ConfigError(f"the MLflow server at {uri} refused "
+                          + (f"the credentials of user {user!r}" if user else "a request without credentials")
+                          + " (401 Unauthorized): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on a cluster: "
+                          "in the Secret cluster.mlflow_secret names; after `tuneforge services up`: source its env file)"
+                          ) from None
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None

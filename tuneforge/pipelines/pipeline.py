@@ -65,6 +65,8 @@ def apply_pod(task: dsl.PipelineTask, spec: pod.PodSpec, with_gpus: bool = True)
             kubernetes.add_toleration(task, **toleration)
     for secret, keys in spec.secrets.items():
         kubernetes.use_secret_as_env(task, secret, {key: key for key in keys})
+    for secret, keys in spec.optional_secrets.items():
+        kubernetes.use_secret_as_env(task, secret, {key: key for key in keys}, optional=True)
     if spec.model_cache_pvc:
         kubernetes.mount_pvc(task, pvc_name=spec.model_cache_pvc, mount_path=pod.CACHE_MOUNT)
     for name, value in spec.env.items():

@@ -14,6 +14,8 @@ from tuneforge.config import Config
 # Each Secret's keys become environment variables of the same name.
 SECRET_KEYS = {"s3_secret": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"),
                "mlflow_secret": ("MLFLOW_TRACKING_URI",)}
+# Taken when the Secret has them: the MLflow identity of a server with authentication (the chart's is on).
+OPTIONAL_SECRET_KEYS = {"mlflow_secret": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
 CACHE_MOUNT = "/cache"
 SIZING_ANNOTATION = "tuneforge.io/resources"  # why the pod got its resources, readable with kubectl describe
 
@@ -27,6 +29,7 @@ class PodSpec:
     timeout_seconds: int
     shm_size: str
     secrets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Secret name -> keys taken as env variables
+    optional_secrets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the same, where the Secret has them
     model_cache_pvc: str | None = None
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, str], ...] = ()
@@ -44,12 +47,14 @@ def for_stage(config: Config, stage: str, size: bool = True) -> PodSpec:
     cluster, resources = config.cluster, config.cluster.for_stage(stage)
     sized = sizing.resolve(config, stage, size)
     secrets = {getattr(cluster, field_name): keys for field_name, keys in SECRET_KEYS.items() if getattr(cluster, field_name)}
+    optional = {getattr(cluster, name): keys for name, keys in OPTIONAL_SECRET_KEYS.items() if getattr(cluster, name)}
     gpu_memory = None
     if sized.gpus and sized.gpu_memory_gib and cluster.gpu_memory_label:
         gpu_memory = (cluster.gpu_memory_label, int(sized.gpu_memory_gib * 1024))
     return PodSpec(
         cpu=sized.cpu, memory=sized.memory, gpus=sized.gpus, gpu_type=resources.gpu_type,
         timeout_seconds=resources.timeout_seconds, shm_size=cluster.shm_size, secrets=secrets,
+        optional_secrets=optional,
         model_cache_pvc=cluster.model_cache_pvc,
         node_selector=dict(cluster.gpu_node_selector) if sized.gpus else {},
         tolerations=tuple(dict(t) for t in cluster.gpu_tolerations) if sized.gpus else (),
@@ -86,6 +91,8 @@ def pod_template(spec: PodSpec) -> tuple[dict[str, Any], dict[str, Any]]:
         quantities[spec.gpu_type] = str(spec.gpus)
     container_env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
                      for secret, keys in spec.secrets.items() for key in keys]
+    container_env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+                      for secret, keys in spec.optional_secrets.items() for key in keys]
     container_env += [{"name": k, "value": v} for k, v in spec.env.items()]
     container = {"env": container_env, "volumeMounts": mounts, "resources": {"requests": quantities, "limits": quantities}}
     return pod, container
