@@ -12,18 +12,22 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
 from tuneforge import __version__
 from tuneforge.config import ClusterSettings, Config
+from tuneforge.pipelines.pod import OPTIONAL_SECRET_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tuneforge"
@@ -229,6 +233,35 @@ NON_DEFAULT = [
 ]
 
 
+# What mlflow.auth.enabled (the default) adds to a render.
+AUTH_OBJECTS = ["Secret/tf-tuneforge-mlflow-auth", "Secret/tuneforge-mlflow-approver", "Job/tf-tuneforge-mlflow-users"]
+AUTH_ENV = {"AUTH_DATABASE_URI", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+            "TUNEFORGE_APPROVERS"}
+
+
+def install_dry_run(helm: str, *args: str) -> tuple[list[dict], str]:
+    """The objects (hooks included) and the NOTES of `helm install --dry-run=client`: one render, so the same random
+    passwords in both."""
+    result = subprocess.run([helm, "install", "tf", str(CHART), "--namespace", "ml", "--dry-run=client", *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifests, notes = result.stdout.split("\nNOTES:\n", 1)
+    manifests = manifests.split("\nHOOKS:\n", 1)[1].replace("\nMANIFEST:\n", "\n---\n")
+    return [doc for doc in yaml.safe_load_all(manifests) if doc], notes
+
+
+def secret_env(container: dict, secrets: dict[str, dict]) -> dict[str, str]:
+    """A container's environment as the kubelet would set it from these Secrets, $(VAR) references expanded."""
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]]["stringData"][ref["key"]]
+    return env
+
+
 def test_helm_lint_strict(helm, tmp_path):
     for args in ([], NON_DEFAULT):
         result = subprocess.run([helm, "lint", "--strict", str(CHART), *args], capture_output=True, text=True)
@@ -246,7 +279,7 @@ def test_default_render_is_valid_kubernetes(helm):
         "Role/tf-tuneforge-submit", "RoleBinding/tf-tuneforge-submit", "Secret/tuneforge-mlflow", "Secret/tuneforge-s3",
         "Role/tf-tuneforge-training-jobs", "RoleBinding/tf-tuneforge-training-jobs",
         "Service/tf-tuneforge-mlflow", "Service/tf-tuneforge-seaweedfs", "ServiceAccount/tuneforge",
-        "StatefulSet/tf-tuneforge-seaweedfs"])
+        "StatefulSet/tf-tuneforge-seaweedfs", *AUTH_OBJECTS])
     by_name = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
     # KFP's task account may create and follow the Kubeflow Trainer jobs of multi-node stages.
     jobs = by_name["Role/tf-tuneforge-training-jobs"]["rules"]
@@ -265,6 +298,145 @@ def test_default_render_is_valid_kubernetes(helm):
     assert {"name": "BACKEND_STORE_URI", "value": "sqlite:////mlflow/store/mlflow.db"} in mlflow["env"]
     allowed = next(a for a in mlflow["args"] if a.startswith("--allowed-hosts="))
     assert "tf-tuneforge-mlflow.ml*" in allowed, "in-cluster clients send the service name as Host"
+
+
+def test_default_render_has_mlflow_authentication(helm):
+    objects = render(helm)
+    by_name = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    generated = secrets["tf-tuneforge-mlflow-auth"]["stringData"]
+    assert set(generated) == {"admin-password", "pipeline-password", "approver-password", "flask-secret-key"}
+    assert len(set(generated.values())) == 4 and all(len(v) >= 32 for v in generated.values()), \
+        "distinct random passwords, longer than MLflow's minimum of 12"
+    pod = by_name["Deployment/tf-tuneforge-mlflow"]["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert "--app-name=tuneforge-auth" in server["args"]
+    assert server["command"][:2] == ["/bin/sh", "-c"] and server["args"][:2] == ["mlflow", "server"]
+    env = secret_env(server, secrets)
+    assert AUTH_ENV <= set(env)
+    assert env["TUNEFORGE_APPROVERS"] == "approver"
+    assert env["AUTH_DATABASE_URI"] == "sqlite:////mlflow/store/auth.db", "beside mlflow.db, on the store's volume"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == generated["admin-password"]
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == generated["flask-secret-key"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"].startswith("/tmp/"), "written at start, on the writable /tmp"
+    # The pipeline's Secret carries the keys the compiled pipeline passes on where present; the approver's its own.
+    pipeline = secrets[ClusterSettings().mlflow_secret]["stringData"]
+    assert set(OPTIONAL_SECRET_KEYS["mlflow_secret"]) <= set(pipeline)
+    assert pipeline["MLFLOW_TRACKING_USERNAME"] == "pipeline"
+    assert pipeline["MLFLOW_TRACKING_PASSWORD"] == generated["pipeline-password"]
+    approver = secrets["tuneforge-mlflow-approver"]["stringData"]
+    assert approver == {"MLFLOW_TRACKING_URI": "http://tf-tuneforge-mlflow.ml.svc:5000", "MLFLOW_TRACKING_USERNAME": "approver",
+                        "MLFLOW_TRACKING_PASSWORD": generated["approver-password"]}
+    # The users are created by a hook after every install and upgrade, as the admin, against the service.
+    job = by_name["Job/tf-tuneforge-mlflow-users"]
+    assert job["metadata"]["annotations"] == {"helm.sh/hook": "post-install,post-upgrade",
+                                              "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
+    creator = job["spec"]["template"]["spec"]["containers"][0]
+    assert creator["image"] == server["image"]
+    job_env = secret_env(creator, secrets)
+    assert job_env["MLFLOW_TRACKING_URI"] == "http://tf-tuneforge-mlflow.ml.svc:5000"
+    assert (job_env["MLFLOW_TRACKING_USERNAME"], job_env["MLFLOW_TRACKING_PASSWORD"]) == ("admin", generated["admin-password"])
+    assert (job_env["PIPELINE_USER"], job_env["PIPELINE_PASSWORD"]) == ("pipeline", generated["pipeline-password"])
+    assert (job_env["APPROVER_USER"], job_env["APPROVER_PASSWORD"]) == ("approver", generated["approver-password"])
+    # The MLflow NetworkPolicy admits every pod of the namespace, the Job's among them.
+    assert "namespace" not in job["metadata"]
+    assert {"podSelector": {}} in by_name["NetworkPolicy/tf-tuneforge-mlflow"]["spec"]["ingress"][0]["from"]
+
+
+@pytest.mark.parametrize("args", [["--set", "mlflow.auth.enabled=false"],
+                                  ["--set", "mlflow.enabled=false", "--set", "mlflow.externalUri=https://mlflow.example.com"]],
+                         ids=["auth-off", "external-mlflow"])
+def test_without_authentication_nothing_of_it_renders(helm, args):
+    objects = render(helm, *args)
+    validate(objects)
+    by_name = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    assert not set(AUTH_OBJECTS) & set(by_name)
+    assert set(by_name["Secret/tuneforge-mlflow"]["stringData"]) == {"MLFLOW_TRACKING_URI"}
+    if "Deployment/tf-tuneforge-mlflow" in by_name:
+        server = by_name["Deployment/tf-tuneforge-mlflow"]["spec"]["template"]["spec"]["containers"][0]
+        assert "command" not in server and not any(a.startswith("--app-name") for a in server["args"])
+        assert not AUTH_ENV & {e["name"] for e in server["env"]}
+
+
+def test_no_password_outside_secrets_nor_in_notes(helm):
+    objects, notes = install_dry_run(helm, "--set-file", f"runConfigs.tiny\\.yaml={ROOT / 'examples' / 'tiny.yaml'}")
+    passwords = next(o for o in objects if o["metadata"]["name"] == "tf-tuneforge-mlflow-auth")["stringData"].values()
+    assert "helm.sh/hook" in json.dumps(objects), "the hooks are among the objects checked"
+    for obj in objects:
+        if obj["kind"] != "Secret":
+            text = json.dumps(obj)
+            assert not [p for p in passwords if p in text], f"{obj['kind']}/{obj['metadata']['name']} shows a password"
+    assert not [p for p in passwords if p in notes]
+    assert "tuneforge-mlflow-approver -o jsonpath" in notes, "NOTES say where the approver's password is"
+
+
+@pytest.mark.parametrize("args,uri", [
+    (["--set", "mlflow.backendStore.postgresUri=postgresql://mlflow:p%40ss@db.ml.svc:5432/mlflow"],
+     "postgresql://mlflow:p%40ss@db.ml.svc:5432/mlflow"),
+    ([], "sqlite:////mlflow/store/auth.db"),
+], ids=["postgresql", "sqlite"])
+def test_auth_config_written_at_start_is_what_mlflow_reads(helm, tmp_path, args, uri):
+    """The server container's own start script, run here with the command it execs swapped for a reader of the file
+    with the configparser MLflow uses: the store it names is the backend store's (a %-encoded password intact)."""
+    objects = render(helm, *args)
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    server = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = secret_env(server, secrets | {"tf-tuneforge-mlflow-store": {"stringData": {"uri": uri}}})
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "auth.ini")
+    reader = ["python", "-c", "import configparser, json, os; c = configparser.ConfigParser(); "
+              "c.read(os.environ['MLFLOW_AUTH_CONFIG_PATH']); print(json.dumps(dict(c['mlflow'])))"]
+    result = subprocess.run([*server["command"], *reader], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["database_uri"] == uri and config["admin_username"] == "admin" and config["default_permission"] == "READ"
+    assert "admin_password" not in config, "the password stays in the environment, from the Secret"
+    assert (tmp_path / "auth.ini").stat().st_mode & 0o077 == 0
+
+
+def test_the_charts_server_and_user_job_work_together(helm, tmp_path):
+    """The MLflow container's command and the users Job's, run here (SQLite store in a temporary folder, the service
+    URI pointed at 127.0.0.1): the Job creates both users and finds them on a second run, and each Secret's
+    credentials log in."""
+    objects = render(helm)
+    by_name = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = by_name["Deployment/tf-tuneforge-mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    local = {"/mlflow/store": str(tmp_path), "/tmp/auth.ini": str(tmp_path / "auth.ini"), "--host=0.0.0.0": "--host=127.0.0.1",
+             "--port=5000": f"--port={port}"}
+
+    def here(text: str) -> str:
+        for cluster, path in local.items():
+            text = text.replace(cluster, path)
+        return text
+
+    env = {k: here(v) for k, v in secret_env(server, secrets).items()}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], here(a)) for a in server["args"]]
+    path = {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    process = subprocess.Popen([*server["command"], *args], env={**os.environ, **env, **path}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        creator = by_name["Job/tf-tuneforge-mlflow-users"]["spec"]["template"]["spec"]["containers"][0]
+        job_env = {**os.environ, **secret_env(creator, secrets), **path, "MLFLOW_TRACKING_URI": url}
+        first = subprocess.run(creator["command"], env=job_env, capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert first.stdout.split("\n")[:2] == ["created the MLflow user pipeline", "created the MLflow user approver"]
+        again = subprocess.run(creator["command"], env=job_env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "the MLflow user approver exists" in again.stdout, again.stderr[-3000:]
+        users = f"{url}/api/2.0/mlflow/users/get"
+        for name in ("tuneforge-mlflow", "tuneforge-mlflow-approver"):
+            identity = secrets[name]["stringData"]
+            user, password = identity["MLFLOW_TRACKING_USERNAME"], identity["MLFLOW_TRACKING_PASSWORD"]
+            assert requests.get(users, params={"username": user}, auth=(user, password), timeout=30).status_code == 200, name
+        assert requests.get(users, params={"username": "pipeline"}, timeout=30).status_code == 401
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["auth.db", "auth.ini", "mlflow.db"]
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
 
 
 def test_non_default_render_is_valid_kubernetes(helm):
@@ -363,6 +535,8 @@ BAD_VALUES = [
     (["--set", "schedule.enabled=true", "--set", "schedule.config=missing.yaml"], 'schedule.config "missing.yaml" is not a key of runConfigs'),
     (["--set", "serving.enabled=true"], "serving.modelUri is required when serving.enabled is true"),
     (["--set", "serving.modelUri=/models/local.gguf"], "/serving/modelUri"),
+    (["--set", "mlflow.auth.approverUser=pipeline"], 'mlflow.auth.pipelineUser "pipeline" and .approverUser "pipeline" must be two users'),
+    (["--set", "mlflow.auth.pipelineUser=ci:bot"], "/mlflow/auth/pipelineUser"),
 ]
 
 

@@ -46,6 +46,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the chart's MLflow asks for users and passwords, else "". */}}
+{{- define "tuneforge.mlflowAuth" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret with the generated MLflow passwords and the server's CSRF key. */}}
+{{- define "tuneforge.mlflowAuthSecretName" -}}
+{{- printf "%s-mlflow-auth" (include "tuneforge.fullname" .) -}}
+{{- end -}}
+
 {{- define "tuneforge.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- .Values.serviceAccount.name | default (include "tuneforge.fullname" .) -}}
@@ -65,6 +75,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.externalUri) -}}
 {{- fail "mlflow.externalUri is required when mlflow.enabled is false" -}}
+{{- end -}}
+{{- if include "tuneforge.mlflowAuth" . -}}
+{{- $users := list "admin" .Values.mlflow.auth.pipelineUser .Values.mlflow.auth.approverUser -}}
+{{- if ne (len ($users | uniq)) 3 -}}
+{{- fail (printf "mlflow.auth.pipelineUser %q and .approverUser %q must be two users, neither of them admin (MLflow's administrator): one identity for both would let the pipeline promote what it registers" .Values.mlflow.auth.pipelineUser .Values.mlflow.auth.approverUser) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.serving.enabled (not .Values.serving.modelUri) -}}
 {{- fail "serving.modelUri is required when serving.enabled is true: the s3:// URI of a registered version's GGUF file (tuneforge deploy NAME --target llamacpp prints it)" -}}
