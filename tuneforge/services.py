@@ -173,12 +173,14 @@ def auth_server_env(folder: Path, passwords: dict[str, str]) -> dict[str, str]:
     config = folder / "auth.ini"
     _secret_file(config, "[mlflow]\ndefault_permission = READ\n"
                  f"database_uri = sqlite:///{folder / 'auth.db'}\n"
-                 f"admin_username = {ADMIN_USER}\nadmin_password = {passwords[ADMIN_USER]}\n"
+                 f"admin_username = {ADMIN_USER}\n"
                  "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                  # Each request's password check is a PBKDF2 hash, about a third of a small request's time; cached for a
                  # minute per worker (a changed password reaches the other worker within it).
                  "auth_cache_ttl_seconds = 60\n")
-    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": passwords["flask_secret_key"],
+    # The admin's password reaches the server as a variable (read when it creates the admin), so no file holds it twice.
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": passwords[ADMIN_USER],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": passwords["flask_secret_key"],
             "TUNEFORGE_APPROVERS": APPROVER_USER}
 
 
