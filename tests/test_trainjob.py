@@ -57,6 +57,9 @@ def test_trainjob_manifest_carries_image_resources_env_and_secrets_and_validates
     env = env_of(trainer["env"])
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "tuneforge-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert env["MLFLOW_TRACKING_URI"] == {"secretKeyRef": {"name": "tuneforge-mlflow", "key": "MLFLOW_TRACKING_URI"}}
+    # The MLflow identity, where the Secret has one (a server with authentication).
+    assert env["MLFLOW_TRACKING_PASSWORD"] == {"secretKeyRef": {"name": "tuneforge-mlflow", "key": "MLFLOW_TRACKING_PASSWORD",
+                                                                "optional": True}}
     assert json.loads(env["TUNEFORGE_CONFIG_JSON"])["sft"]["distributed"] == {"strategy": "fsdp", "nodes": 4}
     assert json.loads(env["TUNEFORGE_INPUTS"]) == {"data": "s3://models/runs/q/run-1234/sft.inputs/data"}
     assert env["TUNEFORGE_PARENT_RUN_ID"] == "run-1234" and env["TUNEFORGE_CACHE"] == "/cache"
@@ -87,7 +90,7 @@ def test_pytorchjob_manifest_has_a_master_and_workers_and_validates(tmp_path):
     ("trainjob", lambda m: m["spec"]["trainer"].update(numNode=4), "spec.trainer.numNode: unknown key"),
     ("trainjob", lambda m: m["spec"]["trainer"].update(numNodes="4"), "rejected by the Kubeflow API types"),
     ("trainjob", lambda m: m["spec"].pop("runtimeRef"), "rejected by the Kubeflow API types"),
-    ("trainjob", lambda m: m["spec"]["trainer"]["env"].append({"value": "x"}), "spec.trainer.env[8].name: required, missing"),
+    ("trainjob", lambda m: m["spec"]["trainer"]["env"].append({"value": "x"}), "spec.trainer.env[10].name: required, missing"),
     ("pytorchjob", lambda m: m["spec"].update(pytorchReplicaSpec={}), "spec.pytorchReplicaSpec: unknown key"),
     ("pytorchjob", lambda m: m["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas="3"), "Worker.replicas: '3' was read as 3"),
     ("pytorchjob", lambda m: m["spec"].pop("runPolicy"), "rejected by the Kubeflow API types"),
