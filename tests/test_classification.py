@@ -82,6 +82,15 @@ def test_data_prep_reads_public_shapes_of_labelled_rows(tmp_path):
     assert sum(report["labels"]["train"].values()) == 30 and set(report["labels"]["train"]) == {"negative", "positive"}
     assert report["sources"][0]["format"] == "classification" and report["sources"][0]["ignored_columns"] == ["idx"]
     assert "| negative |" in (tmp_path / "data" / "report.md").read_text()
+    assert report["conflicting_labels"] == 0
+
+
+def test_data_prep_counts_texts_given_two_labels(tmp_path):
+    rows = keyword_rows(20) + [{"text": "The parcel is LATE", "label": "sad"}, {"text": "the parcel is late", "label": "angry"}]
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "rows.jsonl", rows)], task="classification")
+    result = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "data" / "data_report.json").read_text())["conflicting_labels"] == 1
 
 
 @pytest.mark.parametrize("rows, settings, message", [

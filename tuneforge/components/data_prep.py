@@ -304,6 +304,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     }
     if labels:
         report["labels"] = {"train": _label_counts(class_train, labels), "eval": _label_counts(class_eval, labels)}
+        report["conflicting_labels"] = _conflicting_labels(kept["classification"], labels)
     lineage = tracking.new_lineage(config, inputs)
     lineage.update(chat_template_sha256=chat_templates.template_hash(template), data_fingerprint=found["sha256"],
                    data_objects=found["objects"], data_rows={k: report[k] for k in data_report.SPLITS},
@@ -389,6 +390,20 @@ def _check_classification(split_rows: tuple[list, list], labels: list[str], sour
     if not held_out:
         log.warning("no held-out classification rows (data.eval_fraction is 0 and no split: eval source): evaluate will "
                     "have nothing to score")
+
+
+def _conflicting_labels(rows: list[dict[str, Any]], labels: list[str]) -> int:
+    """Texts (case and whitespace aside) given more than one label: counted, and the first named, since no classifier
+    can be right on both."""
+    found: dict[str, set[int]] = {}
+    for row in rows:
+        found.setdefault(row["prompt_key"], set()).add(row["label"])
+    conflicting = [(text, seen) for text, seen in found.items() if len(seen) > 1]
+    if conflicting:
+        text, seen = conflicting[0]
+        log.warning("%d texts have more than one label (first: %r labelled %s); fix the rows, or they cap accuracy",
+                    len(conflicting), text[:80], ", ".join(labels[i] for i in sorted(seen)))
+    return len(conflicting)
 
 
 def _label_counts(rows: list[dict[str, Any]], labels: list[str]) -> dict[str, int]:
