@@ -139,5 +139,10 @@ def stack(tmp_path_factory):
     """A SeaweedFS and an MLflow server for the tests of one module; their environment (AWS_*, MLFLOW_TRACKING_URI)."""
     folder = tmp_path_factory.mktemp("services")
     env = services.up(folder)
+    # The MLflow clients a test makes in this process authenticate as the pipeline, as the runs do.
+    identity = {k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(identity)
     yield env
+    for key in identity:
+        os.environ.pop(key, None)
     services.down(folder)
