@@ -246,14 +246,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if histories:
             plots.loss_curves(histories, out / "loss_curves.png")
         (out / "report.md").write_text(_report(results, models_scored, samples, bool(histories), guard))
-        for model_name in models_scored:
-            tracker.record(f"the {model_name} metrics", mlflow.log_metrics,
-                           {f"{model_name}/{k}": v for k, v in results[model_name].items()})
-        tracker.record("the checklist", mlflow.set_tags,
-                       {f"checklist.{i['key']}": i["status"] for i in results["checklist"]})
-        tracker.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
-        lineage.update(tracker.run_record())
-        storage.write_manifest(out, STAGE, lineage, results)
+        _record(tracker, out, lineage, results, models_scored)
     return tracker.result(results, output)
 
 
@@ -313,16 +306,21 @@ def evaluate_classifier(config: Config, inputs: dict[str, Path], output: Path, d
         if histories:
             plots.loss_curves(histories, out / "loss_curves.png")
         (out / "report.md").write_text(_classifier_report(results, models_scored, bool(histories)))
-        for model_name in models_scored:
-            tracker.record(f"the {model_name} metrics", mlflow.log_metrics,
-                           {f"{model_name}/{k}": v for k, v in results[model_name].items()})
         tracker.record("the majority label's share", mlflow.log_metric, "majority_accuracy", results["majority_accuracy"])
-        tracker.record("the checklist", mlflow.set_tags,
-                       {f"checklist.{i['key']}": i["status"] for i in results["checklist"]})
-        tracker.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
-        lineage.update(tracker.run_record())
-        storage.write_manifest(out, STAGE, lineage, results)
+        _record(tracker, out, lineage, results, models_scored)
     return tracker.result(results, output)
+
+
+def _record(tracker, out: Path, lineage: dict[str, Any], results: dict[str, Any], models_scored: tuple[str, ...]) -> None:
+    """How an evaluation ends: each model's metrics and the checklist in MLflow, the output's files as artifacts, the
+    manifest last."""
+    for model_name in models_scored:
+        tracker.record(f"the {model_name} metrics", mlflow.log_metrics,
+                       {f"{model_name}/{k}": v for k, v in results[model_name].items()})
+    tracker.record("the checklist", mlflow.set_tags, {f"checklist.{i['key']}": i["status"] for i in results["checklist"]})
+    tracker.record(f"the {STAGE} artifacts", mlflow.log_artifacts, str(out), artifact_path=STAGE)
+    lineage.update(tracker.run_record())
+    storage.write_manifest(out, STAGE, lineage, results)
 
 
 def _classifier_report(results: dict[str, Any], models_scored: tuple[str, ...], curves: bool) -> str:
