@@ -59,8 +59,7 @@ def from_training(config: Config, evaluation: dict[str, Any], data: dict[str, An
         "on (sft.gradient_checkpointing): activations for each layer's input only, recomputed in backward"
         if settings.gradient_checkpointing else
         f"off: faster steps; {_activations(config)} (turn it on where memory is short)")))
-    patience = settings.early_stopping_patience or (2 if config.task == "classification" else None)
-    items.append(_eval_watched(patience, history.get("sft", []),
+    items.append(_eval_watched(config.early_stopping_patience, history.get("sft", []),
                                trained.get("dpo", {}).get("lineage", {}).get("likelihood_guard")))
     reloads = {stage: m["metrics"].get("adapter_reload_max_abs_diff") for stage, m in trained.items()}
     merge_check = merged["metrics"].get("merge_max_abs_logit_diff")

@@ -688,6 +688,11 @@ class Config(Strict):
                              f"{', '.join(CLASSIFICATION_METRICS)}")
 
     @property
+    def early_stopping_patience(self) -> int | None:
+        """sft's early stopping: sft.early_stopping_patience; a classifier always stops early (2 epochs when unset)."""
+        return self.sft.early_stopping_patience or (2 if self.task == "classification" else None)
+
+    @property
     def exports_gguf(self) -> bool:
         """Whether the pipeline exports GGUF files (export-gguf): not for a classifier, see NO_GGUF_FOR_CLASSIFIERS."""
         return self.export.enabled and self.task == "generation"

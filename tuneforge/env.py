@@ -1,5 +1,7 @@
 """The environment variables tuneforge reads and sets, in one place."""
 
+import os
+
 # Set by the pipeline for its tasks.
 PARENT_RUN_ID = "TUNEFORGE_PARENT_RUN_ID"  # the pipeline's MLflow run, parent of every stage's run
 RUN_ID = "TUNEFORGE_RUN_ID"  # names the run's folder under storage.uri
@@ -18,6 +20,20 @@ IMAGE_TAG = "TUNEFORGE_IMAGE_TAG"
 # Set by the images: the image's version and the code revision it was built from (no git inside an image).
 IMAGE_VERSION = "TUNEFORGE_IMAGE_VERSION"
 CODE_REVISION = "TUNEFORGE_CODE_REVISION"
+
+# Read by MLflow's client: the identity on a tracking server with authentication.
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def mlflow_credentials_refused(uri: str | None = None) -> str:
+    """The tracking server's 401, said without the secret: whose credentials, and where they come from."""
+    user = os.environ.get(MLFLOW_CREDENTIALS[0])
+    server = f"the MLflow server at {uri}" if uri else "the MLflow server"
+    who = f"the credentials of user {user!r}" if user else "a request without credentials"
+    return (f"{server} refused {who} (401 Unauthorized): set {' and '.join(MLFLOW_CREDENTIALS)} (on a cluster: in "
+            "the Secret cluster.mlflow_secret names; after `tuneforge services up`: source its env file, or "
+            "approver.env to promote)")
+
 
 # Written by `tuneforge services up` into its env file, beside AWS_* and MLFLOW_TRACKING_URI.
 S3_BUCKET = "TUNEFORGE_S3_BUCKET"

@@ -20,6 +20,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tuneforge import env
 from tuneforge.config import RegistrySettings
 from tuneforge.errors import RegistryError
 
@@ -29,7 +30,6 @@ CHAMPION, CHALLENGER, PENDING = "champion", "challenger", "approved-pending"
 LOCK_SUFFIX = "promotion-lock"
 # A registered model's approval mode (registry.approval); on a server with tuneforge-auth it decides who may promote.
 APPROVAL_TAG = "tuneforge.approval"
-CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 
 
@@ -269,18 +269,10 @@ def _refusals(what: str) -> Iterator[None]:
         yield
     except MlflowException as err:
         if err.get_http_status_code() == 401:
-            raise credentials_refused() from None
+            raise RegistryError(env.mlflow_credentials_refused()) from None
         raise RegistryError(f"{what}: the registry answered {err.error_code}: {str(err).splitlines()[0][:300]}") from None
 
 
-def credentials_refused() -> RegistryError:
-    """The server's 401, said without the secret: whose credentials, and where they come from."""
-    import os
-
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    who = f"the credentials of user {user!r}" if user else "a request without credentials"
-    return RegistryError(f"the MLflow server refused {who} (401 Unauthorized): set {CREDENTIALS} (after `tuneforge "
-                         "services up`: source the folder's env, or approver.env to promote)")
 
 
 def authenticated_user(tracking_uri: str) -> str | None:
@@ -293,7 +285,7 @@ def authenticated_user(tracking_uri: str) -> str | None:
     response = http_request(get_default_host_creds(tracking_uri), "/api/2.0/mlflow/users/current", "GET",
                             max_retries=0)
     if response.status_code == 401:
-        raise credentials_refused()
+        raise RegistryError(env.mlflow_credentials_refused(tracking_uri))
     if response.status_code != 200:
         return None  # a server without the auth app: no such route
     return response.json().get("user", {}).get("username")

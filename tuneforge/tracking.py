@@ -71,12 +71,7 @@ def setup(config: Config) -> str:
     except mlflow.exceptions.MlflowException as err:
         if err.get_http_status_code() != 401:
             raise
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        raise ConfigError(f"the MLflow server at {uri} refused "
-                          + (f"the credentials of user {user!r}" if user else "a request without credentials")
-                          + " (401 Unauthorized): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on a cluster: "
-                          "in the Secret cluster.mlflow_secret names; after `tuneforge services up`: source its env file)"
-                          ) from None
+        raise ConfigError(env.mlflow_credentials_refused(uri)) from None
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None

@@ -261,9 +261,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         _check_classification(splits["classification"], labels, sources)
     elif (config.sft.enabled or config.grpo.enabled) and not splits["sft"][0]:
         raise empty_split_error("SFT training rows", sources, ("alpaca", "messages", "sharegpt", "prompt/completion", "text"))
-    if config.task == "classification":
-        pass
-    elif config.dpo.enabled and config.dpo.method == "kto":
+    if config.dpo.enabled and config.dpo.method == "kto":
         if not splits["preference"][0] and not splits["unpaired"][0]:
             raise empty_split_error("rows to train KTO on (dpo.method is kto)", sources, ("preference", "unpaired"))
     elif config.dpo.enabled and not splits["preference"][0]:

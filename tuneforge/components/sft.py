@@ -186,7 +186,7 @@ def train_classifier(config: Config, inputs: dict[str, Path], output: Path) -> d
     batching, batching_reason = training.choose_batching(settings, model, attention, lengths, padding_free=False)
     log.info("batching: %s (%s)", batching, batching_reason)
 
-    patience = settings.early_stopping_patience or 2
+    patience = config.early_stopping_patience
     metric = config.classification.metric_for_best
     every = {"eval_strategy": "steps", "eval_steps": settings.eval_steps, "save_strategy": "steps",
              "save_steps": settings.eval_steps} if settings.eval_steps else {"eval_strategy": "epoch",
