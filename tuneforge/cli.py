@@ -7,7 +7,9 @@ commands do not load torch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -476,6 +478,8 @@ def deploy(
 
 
 def main() -> None:
+    # As in a pipeline task (stage_runner): the last garbage collections at exit cost seconds after torch's imports.
+    atexit.register(gc.freeze)
     app()
 
 
