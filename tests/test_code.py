@@ -26,6 +26,15 @@ def test_imports_point_one_way_without_cycles():
     assert "3 kept, 0 broken" in result.stdout
 
 
+def test_tasks_that_only_talk_to_mlflow_do_not_load_torch():
+    """start, finish-run and register run in processes of their own: importing torch would be most of their time."""
+    probe = ("import sys\nfrom tuneforge.pipelines import stage_runner\nfrom tuneforge.components import register\n"
+             "import tuneforge.cli\nprint(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_every_stage_has_one_module_with_run():
     for spec in stages.STAGES:
         module = importlib.import_module(spec.module)

