@@ -51,3 +51,14 @@ def test_gemma3_chain_learns_the_task_and_keeps_sft_when_dpo_ruins_it(tmp_path):
     served = summary["serving"]["q8_0"]
     assert served["same_prompt_tokens"] == 1.0 and served["agreement"]["exact_match"] >= 0.9, served
     assert served["task_score"] >= metrics["candidate"]["task_score"] - 0.1, served
+
+    # Nothing changed: the champion (the SFT model, not the DPO one the merge task made last) is this run's own model,
+    # so it is not re-scored, every stage comes from the cache and nothing is registered.
+    again = subprocess.run([sys.executable, "-m", "tuneforge.cli", "run", EXAMPLES / "gemma3-extract.yaml", "--set",
+                            f"workdir={tmp_path}", "--set", "evaluate.max_examples=20"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert {k: v["status"] for k, v in rerun["stages"].items()} == {
+        **{k: "cached" for k in summary["stages"] if k != "register"}, "register": "succeeded"}
+    assert rerun["registered_model"]["outcome"] == f"unchanged: version {summary['registered_model']['version']}"

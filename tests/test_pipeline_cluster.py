@@ -71,7 +71,10 @@ def test_compiled_pipeline_has_every_stage_with_image_resources_retries_and_cach
     assert tasks["data-prep"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
         "outputParameterKey": "fingerprint", "producerTask": "start"}
     assert tasks["evaluate"]["inputs"]["parameters"]["champion"]["taskOutputParameter"]["producerTask"] == "champion-to-beat"
-    assert tasks["champion-to-beat"]["inputs"]["parameters"]["champion"]["taskOutputParameter"]["producerTask"] == "start"
+    # The champion is not re-scored when it is one of this run's merged models, the SFT one as much as the DPO one.
+    to_beat = tasks["champion-to-beat"]["inputs"]["parameters"]
+    assert to_beat["champion"]["taskOutputParameter"]["producerTask"] == "start"
+    assert {to_beat[k]["taskOutputParameter"]["producerTask"] for k in ("candidate", "sft_candidate")} == {"merge", "merge-sft"}
     assert not tasks["register"]["cachingOptions"].get("enableCache", False)
     assert not tasks["start"]["cachingOptions"].get("enableCache", False)
 

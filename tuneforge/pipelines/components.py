@@ -102,11 +102,14 @@ def merge(config_json: str, code_version: str, adapter: Input[Model], model: Out
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def merge_sft(config_json: str, code_version: str, adapter: Input[Model], model: Output[Model]):
-    """The merge stage for the SFT model when DPO follows it: evaluate scores both, and the better one goes on."""
+def merge_sft(config_json: str, code_version: str, adapter: Input[Model], model: Output[Model]) -> str:
+    """The merge stage for the SFT model when DPO follows it: evaluate scores both, and the better one goes on. Returns
+    the merged files' digest, as merge does."""
+    from tuneforge import storage
     from tuneforge.pipelines.stage_runner import run_stage
 
     run_stage("merge", config_json, {"model": adapter.path}, model.path)
+    return storage.content_digest(storage.read_manifest(model.path, "merge"))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -128,12 +131,13 @@ def select_trial(config_json: str, trials: list, evaluations: Input[list[Artifac
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def champion_to_beat(champion: str, candidate: str) -> str:
+def champion_to_beat(champion: str, candidate: str, sft_candidate: str = "") -> str:
     """Never cached: where the champion's files are for evaluate to re-score, or empty when there is no champion or it
-    is the candidate itself (a rerun of unchanged data): then evaluate's inputs, and its cache key, stay the same."""
+    is one of the models this run merged (a rerun of unchanged data, whichever of SFT and DPO won): then evaluate's
+    inputs, and its cache key, stay the same. sft_candidate: the SFT model's digest where DPO or GRPO follows SFT."""
     import json
 
-    if not champion or json.loads(champion)["model_sha256"] == candidate:
+    if not champion or json.loads(champion)["model_sha256"] in (candidate, sft_candidate):
         return ""
     return json.loads(champion)["source"]
 

@@ -134,7 +134,7 @@ def build(config: Config, local: bool = False):
             data = prep.outputs["data"]
             after_sft = "dpo" if config.dpo.enabled else "grpo" if config.grpo.enabled else None
             after_component = {"dpo": c.dpo, "grpo": c.grpo}.get(after_sft)
-            inputs = {}
+            inputs, candidates = {}, {}
             if config.sweep.parameters:
                 # Each trial trains, merges and evaluates with its own config; the best one's merged model goes on.
                 trials = [json.dumps({"trial": i, "overrides": overrides}, sort_keys=True)
@@ -163,7 +163,7 @@ def build(config: Config, local: bool = False):
                                           digests=dsl.Collected(trial_merged.outputs["Output"]))
                 selected.set_display_name("select best trial").set_caching_options(False)
                 _run_identity(selected)
-                candidate, digest = selected.outputs["model"], selected.outputs["digest"]
+                candidate, candidates = selected.outputs["model"], {"candidate": selected.outputs["digest"]}
             else:
                 sft_model = stage("sft", c.sft, data=data, **jobs.get("sft", {})).outputs["model"] \
                     if config.sft.enabled else None
@@ -177,10 +177,12 @@ def build(config: Config, local: bool = False):
                     if sft_model and config.sft.method == "full":  # the adapter was trained on the full SFT model
                         merge_args["base"] = sft_model
                     elif sft_model:  # both are scored and the better one goes on; a full SFT model needs no merge
-                        inputs["sft_merged"] = stage("merge", c.merge_sft, adapter=sft_model).outputs["model"]
+                        merged_sft = stage("merge", c.merge_sft, adapter=sft_model)
+                        inputs["sft_merged"] = merged_sft.outputs["model"]
+                        candidates["sft_candidate"] = merged_sft.outputs["Output"]
                 merged = stage("merge", c.merge, adapter=adapter, **merge_args)
-                candidate, digest = merged.outputs["model"], merged.outputs["Output"]
-            to_beat = c.champion_to_beat(champion=started.outputs["champion"], candidate=digest)
+                candidate, candidates["candidate"] = merged.outputs["model"], merged.outputs["Output"]
+            to_beat = c.champion_to_beat(champion=started.outputs["champion"], **candidates)
             to_beat.set_display_name("champion to beat").set_caching_options(False)
             _run_identity(to_beat)
             evaluated = stage("evaluate", c.evaluate, data=data, model=candidate, champion=to_beat.output, **inputs)
