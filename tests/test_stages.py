@@ -597,3 +597,20 @@ def test_an_export_user_error_fails_once_in_the_pipeline(tmp_path):
     log = Path(summary["log"]).read_text()
     assert log.count("writing test-q8_0.gguf") == 1
     assert log.count("not run again: an earlier attempt of this export-gguf task failed with a user error") == 2
+
+
+def test_console_table_times_a_stage_whose_task_kfp_numbered():
+    """In the branch taken when DPO wins, KFP names the tasks export-gguf-2, register-2: the table still shows their time."""
+    import io
+
+    from tuneforge.pipelines.console import Console
+
+    out = io.StringIO()
+    console = Console(out)
+    for task in ("merge", "merge-sft", "export-gguf-2"):
+        console.feed(f"12:00:00.000 - INFO - Executing task \x1b[96m'{task}'\x1b[0m")
+        console.started[task] -= {"merge": 7, "merge-sft": 30, "export-gguf-2": 15}[task]
+        console.feed(f"12:00:15.000 - INFO - Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+    console.table({"stages": {"merge": {"status": "succeeded"}, "export-gguf": {"status": "succeeded"}}})
+    rows = {line.split()[0]: line.split()[2] for line in out.getvalue().splitlines() if "succeeded" in line and "✓" not in line}
+    assert rows == {"merge": "7", "export-gguf": "15"}

@@ -90,11 +90,15 @@ class Console:
                     loss = f"  loss {float(self.loss):.4g}" if self.loss else ""
                     self._progress(f"  {self.current:<16} step {step}/{total}{loss}  ETA {eta}")
 
+    def stage_seconds(self, stage: str) -> float:
+        """A stage's time in this run: KFP names a task of the branch after DPO export-gguf-2, register-2, ..."""
+        return sum(s for task, s in self.seconds.items() if re.fullmatch(rf"{re.escape(stage)}(-\d+)?", task))
+
     def table(self, summary: dict[str, Any]) -> None:
         rows = []
         for stage, entry in summary.get("stages", {}).items():
             metric = key_metric(stage, entry)
-            rows.append(f"  {stage:<12} {entry['status']:<10} {self.seconds.get(stage, 0):>6.0f} s  {metric}")
+            rows.append(f"  {stage:<12} {entry['status']:<10} {self.stage_seconds(stage):>6.0f} s  {metric}")
         for stage, why in summary.get("skipped", {}).items():
             rows.append(f"  {stage:<12} {'skipped':<10} {'':>8}  {why}")
         self._print("\n" + "\n".join(["  stage        status     seconds  key metric", *rows]))
