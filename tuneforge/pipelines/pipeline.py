@@ -163,7 +163,7 @@ def build(config: Config, local: bool = False):
                                           digests=dsl.Collected(trial_merged.outputs["Output"]))
                 selected.set_display_name("select best trial").set_caching_options(False)
                 _run_identity(selected)
-                candidate, candidates = selected.outputs["model"], {"candidate": selected.outputs["digest"]}
+                candidate, candidates["candidate"] = selected.outputs["model"], selected.outputs["digest"]
             else:
                 sft_model = stage("sft", c.sft, data=data, **jobs.get("sft", {})).outputs["model"] \
                     if config.sft.enabled else None
