@@ -274,7 +274,6 @@ def _refusals(what: str) -> Iterator[None]:
 
 
 
-
 def authenticated_user(tracking_uri: str) -> str | None:
     """Who the tracking server says the caller is (its basic-auth app), or None where it authenticates no one."""
     from mlflow.utils.credentials import get_default_host_creds
