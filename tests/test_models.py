@@ -1,10 +1,13 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tuneforge.config import BaseModelSettings
 from tuneforge.errors import ModelError
-from tuneforge.models import resolve
+from tuneforge.models import SOURCE_TOKENIZER, _smollm2_gguf, resolve
 from tuneforge.storage import cache_dir
 
 
@@ -54,3 +57,26 @@ def test_local_directories_and_hub_ids(tmp_path):
 def test_trust_remote_code_is_off_by_default():
     assert BaseModelSettings(source="x").trust_remote_code is False
     assert BaseModelSettings(source="x").allow_pickle is False
+
+
+def test_a_gguf_model_is_converted_with_one_read_of_its_metadata(tmp_path, monkeypatch):
+    """transformers reads a GGUF file's metadata three times when it converts one (and tuneforge once more for the
+    source tokenizer); the conversion reads it once, gives the weights the file holds, and leaves gguf as it was."""
+    import gguf
+    import numpy as np
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    reads = []
+    parse = GGUFReader._build_fields
+    monkeypatch.setattr(GGUFReader, "_build_fields", lambda self, *a, **k: reads.append(1) or parse(self, *a, **k))
+    path = Path(resolve(BaseModelSettings(source="smollm2-135m-instruct")))
+    assert len(reads) == 1 and path.is_relative_to(tmp_path)
+    assert gguf.GGUFReader is GGUFReader and isinstance(gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1), gguf.TensorNameMap)
+
+    source = next(t for t in GGUFReader(_smollm2_gguf()).tensors if t.name == "blk.0.ffn_down.weight")
+    expected = gguf.quants.dequantize(source.data, source.tensor_type).reshape(source.shape[::-1].tolist())
+    weights = load_file(path / "model.safetensors")
+    assert np.array_equal(weights["model.layers.0.mlp.down_proj.weight"].numpy(), expected)
+    assert json.loads((path / SOURCE_TOKENIZER).read_text())["tokenizer.ggml.model"] == "gpt2"
