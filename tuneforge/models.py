@@ -164,7 +164,7 @@ def gguf_tokenizer(gguf: Path) -> dict[str, Any]:
     """The tokenizer.* metadata of a GGUF file, as JSON-able values."""
     from gguf import GGUFReader
 
-    fields = GGUFReader(str(gguf)).fields
+    fields = GGUFReader(str(gguf)).fields  # a str, as transformers passes it: one cached read during a conversion
     return {name: field.contents() for name, field in fields.items() if name.startswith("tokenizer.")}
 
 
