@@ -218,6 +218,35 @@ def test_a_lock_left_by_a_killed_run_is_broken(s3_env):
     assert client.search_registered_models(f"name = '{name}.{registry.LOCK_SUFFIX}'") == []
 
 
+def test_the_lock_is_taken_when_its_holder_releases_it_during_the_refused_create(s3_env):
+    """MLflow words a refused create by reading the existing model back; when the holder deletes the lock between the
+    two, the server answers RESOURCE_DOES_NOT_EXIST (seen in the eight-run race above). That answer means the lock is
+    free: the run takes it and registers, rather than failing. The interleaving is forced here; the rest is the server."""
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    name = "released-lock-test"
+    lock = f"{name}.{registry.LOCK_SUFFIX}"
+
+    class HolderReleasesMidCreate(mlflow.MlflowClient):
+        refused = 0
+
+        def create_registered_model(self, model_name, *args, **kwargs):
+            if model_name == lock and not self.refused:
+                self.refused += 1
+                with pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE_ALREADY_EXISTS|already exists"):
+                    super().create_registered_model(model_name, *args, **kwargs)
+                super().delete_registered_model(lock)  # the holder's release, after the server refused the create
+                raise mlflow.exceptions.MlflowException(f"Registered Model with name={lock} not found",
+                                                        error_code=RESOURCE_DOES_NOT_EXIST)
+            return super().create_registered_model(model_name, *args, **kwargs)
+
+    mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"]).create_registered_model(lock)  # another run's
+    client = HolderReleasesMidCreate(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    with registry.promotion_lock(client, name, wait=30):
+        assert client.refused == 1 and client.get_registered_model(lock).name == lock
+    assert client.search_registered_models(f"name = '{lock}'") == []
+
+
 def test_four_pipelines_at_once_share_one_seaweedfs_and_mlflow(s3_env, stack, tmp_path):
     """Four runs of one model, each with a different amount of training, started together: all finish, each keeps
     its own artifacts, and the registry ends with one champion, the best of them."""

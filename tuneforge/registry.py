@@ -230,6 +230,10 @@ def promotion_lock(client: MlflowClient, name: str, wait: float = 600, stale_aft
                                                              "if no run of this model is registering")
             break
         except MlflowException as err:
+            # MLflow words a refused create by reading the existing model back, so a create that meets the holder's
+            # release half-way is answered RESOURCE_DOES_NOT_EXIST: the lock is free, try again.
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
