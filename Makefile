@@ -60,8 +60,9 @@ $(UNSLOTH_VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/tuneforge run examples/quickstart.yaml
 
+# --durations: the slowest tests at the end of every run, so the suite's time is kept in view
 test: setup setup-unsloth images-local
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
