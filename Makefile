@@ -60,9 +60,12 @@ $(UNSLOTH_VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/tuneforge run examples/quickstart.yaml
 
-# --durations: the slowest tests at the end of every run, so the suite's time is kept in view
+# The suite in TEST_WORKERS processes (pytest-xdist), each on its share of the CPUs (tests/conftest.py): a test waits on
+# servers and subprocesses for much of its time, which another file's test uses. Each file runs whole in one worker,
+# the longest first. --durations: the slowest tests at the end of every run, so the suite's time is kept in view.
+TEST_WORKERS ?= 2
 test: setup setup-unsloth images-local
-	$(BIN)/python -m pytest -q --durations=30 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -15,6 +15,29 @@ from tuneforge.cli import app
 
 torch.set_num_threads(2)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# The files that take longest (minutes each on 2 CPUs). Under pytest-xdist (`make test`: --dist loadfile
+# --no-loadscope-reorder) each file goes to one worker whole, in collection order: these first, so that no worker is
+# left running one of them alone at the end while the others wait.
+LONGEST_FILES = ["test_gemma.py", "test_smollm2.py", "test_stages.py", "test_sweep.py", "test_schedule.py",
+                 "test_services.py", "test_containers.py", "test_tracking_faults.py", "test_faults.py"]
+
+
+def pytest_configure(config):
+    """An xdist worker keeps to its share of the CPUs, and so do the stages, servers and llama.cpp it starts: torch's
+    threads (and llama.cpp's, which busy-wait) from two workers on the same CPUs would stall each other."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = cpus[int(worker.removeprefix("gw")) :: int(os.environ["PYTEST_XDIST_WORKER_COUNT"])] or cpus
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+    torch.set_num_threads(len(share))
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -197,6 +197,31 @@ def test_a_task_that_writes_outside_its_declared_paths_fails_and_the_host_is_unt
     assert not Path("/opt/venv/escape").exists()
 
 
+def test_a_run_kept_to_some_cpus_keeps_its_containers_on_them(engine, tmp_path, stack):
+    """`taskset -c 1 tuneforge run --runner container` (or a test worker's share of the CPUs): the tasks in containers
+    run on the same CPUs as the subprocess runner's would, with as many torch threads, so both train the same weights."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: nothing to keep a run to")
+    config = Config.model_validate({"name": "x", "base_model": {"source": "tiny-llama"},
+                                    "data": {"sources": [{"path": "/nonexistent"}]}, "storage": {"uri": "s3://tuneforge/x"},
+                                    "tracking": {"uri": stack["MLFLOW_TRACKING_URI"]}})
+    before = os.sched_getaffinity(0)
+
+    def container_arguments(cpus) -> dict:
+        os.sched_setaffinity(0, cpus)
+        try:
+            return dict(container_runner.docker_runner(config, tmp_path / "kfp").container_run_args)
+        finally:
+            os.sched_setaffinity(0, before)
+
+    cpu = max(before)
+    probe = "import os, torch; print(sorted(os.sched_getaffinity(0)), torch.get_num_threads())"
+    output = engine.containers.run(IMAGES[0], ["python", "-c", probe], remove=True, **container_arguments({cpu}))
+    assert output.decode().strip() == f"[{cpu}] 1"
+    # A run on every CPU: its containers get what the engine gives them, as before.
+    assert "cpuset_cpus" not in container_arguments(range(os.cpu_count()))
+
+
 def test_without_a_container_api_the_runner_says_how_to_start_one(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")

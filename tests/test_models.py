@@ -80,3 +80,30 @@ def test_a_gguf_model_is_converted_with_one_read_of_its_metadata(tmp_path, monke
     weights = load_file(path / "model.safetensors")
     assert np.array_equal(weights["model.layers.0.mlp.down_proj.weight"].numpy(), expected)
     assert json.loads((path / SOURCE_TOKENIZER).read_text())["tokenizer.ggml.model"] == "gpt2"
+
+
+def test_a_conversion_another_process_finished_first_is_the_one_kept(tmp_path, monkeypatch):
+    """Two processes sharing a model cache (pods on one volume, test workers) convert the same GGUF file at once: each
+    writes its own staging folder, and the one that finishes second takes the first one's model and leaves no
+    half-written folder behind."""
+    from transformers import AutoTokenizer
+
+    from tuneforge import gguf_writer, models
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    tiny = Path(resolve(BaseModelSettings(source="tiny-llama")))
+    gguf = tmp_path / "tiny.gguf"
+    gguf_writer.write_gguf(tiny, gguf, "f16", name="tiny", chat_template=AutoTokenizer.from_pretrained(tiny).chat_template,
+                           stop_tokens=["<|im_end|>"])
+    settings = BaseModelSettings(source=str(gguf))
+    read_tokenizer, first = models.gguf_tokenizer, []
+
+    def another_process_finishes_first(path):
+        monkeypatch.setattr(models, "gguf_tokenizer", read_tokenizer)
+        first.append(resolve(settings))
+        return read_tokenizer(path)
+
+    monkeypatch.setattr(models, "gguf_tokenizer", another_process_finishes_first)
+    second = resolve(settings)
+    assert first == [second] and (Path(second) / "config.json").is_file()
+    assert [p.name for p in Path(second).parent.iterdir() if "partial" in p.name] == []

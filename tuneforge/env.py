@@ -42,3 +42,12 @@ S3_BUCKET = "TUNEFORGE_S3_BUCKET"
 CONFIG_JSON = "TUNEFORGE_CONFIG_JSON"
 INPUTS = "TUNEFORGE_INPUTS"
 JOB_DIR = "TUNEFORGE_JOB_DIR"
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on: the thread count for llama.cpp. A cpuset or `taskset` narrows them, which
+    os.cpu_count does not see, and llama.cpp's threads busy-wait for each other, so two threads on one CPU stall."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS
+        return os.cpu_count() or 1

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,12 +222,19 @@ def _from_gguf(gguf: Path, name: str | None = None) -> Path:
         tokenizer.pad_token = "<|endoftext|>"
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / SOURCE_TOKENIZER).write_text(json.dumps(source_tokenizer))
-    os.replace(staging, target)
+    # A staging folder of this process's own: two processes converting the same file at once (pods sharing a model
+    # cache, parallel test workers) must not write into one folder.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=target.name + ".partial-") as work:
+        staging = Path(work) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / SOURCE_TOKENIZER).write_text(json.dumps(source_tokenizer))
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").exists():  # another process finished the same conversion first otherwise
+                raise
     return target
 
 

@@ -115,5 +115,15 @@ def docker_runner(config: Config, pipeline_root: Path):
         user=USER, read_only=True, network_mode="host",
         tmpfs={"/tmp": ""},  # the engine's default for a tmpfs: mode 1777
         environment={key: os.environ[key] for key in PASSED if key in os.environ},
-        mounts=mounts,
+        mounts=mounts, **cpus_of_this_process(),
     )
+
+
+def cpus_of_this_process() -> dict[str, str]:
+    """A run narrowed to some of the machine's CPUs (`taskset`, a cpuset) keeps its containers on them, as its
+    subprocess tasks are: torch sizes its thread pool by the CPUs it may use, and the thread count changes the
+    order of float sums, so the same task on the same seed gives the same weights either way."""
+    if not hasattr(os, "sched_getaffinity"):
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    return {"cpuset_cpus": ",".join(map(str, cpus))} if len(cpus) < (os.cpu_count() or 0) else {}
