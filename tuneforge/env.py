@@ -44,10 +44,10 @@ INPUTS = "TUNEFORGE_INPUTS"
 JOB_DIR = "TUNEFORGE_JOB_DIR"
 
 
-def cpu_threads() -> int:
-    """The CPUs this process may run on: the thread count for llama.cpp. A cpuset or `taskset` narrows them, which
-    os.cpu_count does not see, and llama.cpp's threads busy-wait for each other, so two threads on one CPU stall."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on. A cpuset or `taskset` narrows them, which os.cpu_count does not see; llama.cpp
+    takes one thread per CPU from here, since its threads busy-wait for each other and two on one CPU stall."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # no affinity on macOS
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))

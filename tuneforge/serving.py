@@ -29,7 +29,7 @@ def server_command(gguf: Path | str, port: int = PORT, context_length: int = 204
                    alias: str = "served", python: str = sys.executable) -> list[str]:
     """No chat_format: llama-cpp-python then renders with the template inside the file."""
     return [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias, "--host", host,
-            "--port", str(port), "--n_ctx", str(context_length), "--n_threads", str(tf_env.cpu_threads())]
+            "--port", str(port), "--n_ctx", str(context_length), "--n_threads", str(len(tf_env.usable_cpus()))]
 
 
 def require_server() -> None:

@@ -66,7 +66,7 @@ def gguf_logits(path: Path, verifier: str, token_ids: list[list[int]],
         from llama_cpp import Llama
 
         llm = Llama(model_path=str(path), logits_all=True, n_ctx=max(map(len, token_ids)) + 16,
-                    n_threads=tf_env.cpu_threads(), verbose=False)
+                    n_threads=len(tf_env.usable_cpus()), verbose=False)
         tokenized = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
         logits = []
         for ids in token_ids:
@@ -153,7 +153,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
                 if intermediate is None:
                     intermediate = out.parent / f".{out.name}-f16.gguf.tmp"
                     gguf_writer.write_gguf(model_dir, intermediate, "f16", **identity)
-                gguf_writer.quantize_with_llama_cpp(intermediate, path, gguf_type, threads=tf_env.cpu_threads())
+                gguf_writer.quantize_with_llama_cpp(intermediate, path, gguf_type, threads=len(tf_env.usable_cpus()))
             logits, tokenized = gguf_logits(path, verifier, token_ids, texts)
             check = compare(reference, logits)
             check["size_bytes"] = path.stat().st_size

@@ -123,7 +123,5 @@ def cpus_of_this_process() -> dict[str, str]:
     """A run narrowed to some of the machine's CPUs (`taskset`, a cpuset) keeps its containers on them, as its
     subprocess tasks are: torch sizes its thread pool by the CPUs it may use, and the thread count changes the
     order of float sums, so the same task on the same seed gives the same weights either way."""
-    if not hasattr(os, "sched_getaffinity"):
-        return {}
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = env.usable_cpus()
     return {"cpuset_cpus": ",".join(map(str, cpus))} if len(cpus) < (os.cpu_count() or 0) else {}
