@@ -1,13 +1,16 @@
 """GGUF export on a tiny model of every supported architecture, every type, verified by llama.cpp."""
 
 import json
+import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import alpaca_rows, assert_no_output, cli, make_config, write_jsonl
 from gguf import GGUFReader
 
-from tuneforge import gguf_writer
+from tuneforge import gguf_writer, models
+from tuneforge.config import BaseModelSettings
 
 ALL_TYPES = ["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 
@@ -57,6 +60,44 @@ def test_unsupported_architecture_is_refused_with_the_list(tmp_path):
     assert result.exit_code == 2
     assert "does not support architecture 'GPT2LMHeadModel'" in result.stderr and "Qwen3ForCausalLM" in result.stderr
     assert_no_output(tmp_path / "gguf")
+
+
+def tiny_phi3(folder):
+    """A random two-layer Phi-3 (fused qkv_proj and gate_up_proj), an architecture GGUF export cannot write."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(BaseModelSettings(source="tiny-llama")))
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_export_cannot_write_is_refused_before_training_and_trains_with_export_off(tmp_path):
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "d.jsonl", alpaca_rows(40))],
+                         base_model={"source": str(tiny_phi3(tmp_path / "phi3"))})
+
+    def run(*options):
+        result = subprocess.run([sys.executable, "-m", "tuneforge.cli", "run", str(config), "--pipeline-root",
+                                 str(tmp_path / "kfp"), *options], capture_output=True, text=True)
+        return result, json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+
+    refused, summary = run()
+    assert refused.returncode != 0
+    assert {k: v["status"] for k, v in summary["stages"].items()} == {"data-prep": "failed"}  # nothing trained
+    message = " ".join(refused.stderr.split())
+    assert f"base_model.source '{tmp_path / 'phi3'}'" in message and "'Phi3ForCausalLM'" in message
+    assert "Set export.enabled: false" in message
+
+    trained, summary = run("--set", "export.enabled=false")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert {k: v["status"] for k, v in summary["stages"].items()} == dict.fromkeys(
+        ["data-prep", "sft", "merge", "evaluate", "register"], "succeeded")
+    assert summary["registered_model"]["aliases"] == ["challenger", "champion"]
 
 
 def test_k_quants_without_the_extra_name_it(tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ def architecture(config: dict[str, Any]) -> tuple[gguf.MODEL_ARCH, bool]:
             return ARCHITECTURES[name]
     raise ExportError(
         f"GGUF export does not support architecture {', '.join(names) or config.get('model_type')!r}; "
-        f"supported: {', '.join(ARCHITECTURES)}"
+        f"supported: {', '.join(ARCHITECTURES)}. Set export.enabled: false to fine-tune, evaluate and register the "
+        "model without GGUF files"
     )
 
 

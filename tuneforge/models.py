@@ -258,6 +258,13 @@ def load_tokenizer(path: str, settings: BaseModelSettings):
     return tokenizer
 
 
+def load_config(path: str, settings: BaseModelSettings) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, revision=settings.revision,
+                                      trust_remote_code=settings.trust_remote_code).to_dict()
+
+
 def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype | None = None, **kwargs):
     """dtype None: float32."""
     import torch

@@ -44,7 +44,9 @@ COMMON_SECTIONS = ("name", "workdir", "task", "classification", "base_model", "d
 
 STAGES = (
     # dpo.enabled, dpo.method: which rows are needed (preference pairs; for kto, pairs or unpaired rows).
-    Stage("data-prep", output="data", reads=("sft.enabled", "dpo.enabled", "dpo.method", "grpo.enabled")),
+    # export.enabled: a base model whose architecture GGUF export cannot write is refused before any training.
+    Stage("data-prep", output="data",
+          reads=("sft.enabled", "dpo.enabled", "dpo.method", "grpo.enabled", "export.enabled")),
     Stage("sft", requires=("data",), output="model", trains=True, reads=("sft",)),
     # dpo reloads the base as sft.method trained it (4 bits after QLoRA).
     # model: the sft output; without it (sft.enabled false, a reference-free method) dpo starts from the base model.

@@ -23,7 +23,7 @@ from typing import Any
 
 import mlflow
 
-from tuneforge import chat_templates, classification, env, models, plots, storage, tracking
+from tuneforge import chat_templates, classification, env, gguf_writer, models, plots, storage, tracking
 from tuneforge.config import Config, DataSettings
 from tuneforge.data import prepared
 from tuneforge.data import report as data_report
@@ -31,7 +31,7 @@ from tuneforge.data.fingerprint import fingerprint
 from tuneforge.data.formats import Dropped, Row, RowError, detect_format, eval_task, ignored_columns, normalised, normalize
 from tuneforge.data.readers import read_records
 from tuneforge.data.render import Renderer, prepare_sft
-from tuneforge.errors import DataError, TemplateError
+from tuneforge.errors import DataError, ExportError, ModelError, TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     rows, skipped = load_rows(data, sources, config.task)
     model_path = models.resolve(config.base_model)
     tokenizer = models.load_tokenizer(model_path, config.base_model)
+    if config.exports_gguf:  # an architecture export cannot write is refused here, not after the training
+        try:
+            gguf_writer.architecture(models.load_config(model_path, config.base_model))
+        except ExportError as exc:
+            raise ModelError(f"base_model.source {config.base_model.source!r}: {exc}") from None
     # A classifier reads the text as it is: a chat template is kept only where there is one (base models have none).
     needs_template = config.task == "generation" or data.chat_template or tokenizer.chat_template
     template = chat_templates.resolve(data.chat_template, tokenizer) if needs_template else ""
