@@ -2,11 +2,15 @@
 
 import csv
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
+
+from tuneforge import models
+from tuneforge.config import BaseModelSettings
 
 MESSAGES = [
     {
@@ -155,6 +159,24 @@ def test_duplicates_length_filter_and_seeded_split(tmp_path):
 def test_too_long_rows_are_dropped_and_counted(tmp_path):
     rows = alpaca_rows(6) + [{"instruction": "Short.", "output": "word " * 100}]
     result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", rows)], data={"max_length": 64})
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "data_report.json").read_text())["dropped"] == {"too_long": 1}
+
+
+def test_rows_past_the_model_context_are_refused_with_the_length_to_set(tmp_path):
+    model = tmp_path / "short-context"
+    shutil.copytree(models.resolve(BaseModelSettings(source="tiny-llama")), model)
+    model_config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(model_config | {"max_position_embeddings": 64}))
+    rows = alpaca_rows(6) + [{"instruction": "Short.", "output": "word " * 100}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    result, out = run_prep(tmp_path, [path], base_model={"source": str(model)}, data={"max_length": 256})
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "(1 of 7 over)" in message and f"base_model.source '{model}'" in message
+    assert "(64 tokens, its max_position_embeddings): set data.max_length: 64" in message
+    assert_no_output(out)
+    result, out = run_prep(tmp_path, [path], base_model={"source": str(model)}, data={"max_length": 64})
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "data_report.json").read_text())["dropped"] == {"too_long": 1}
 

@@ -258,11 +258,16 @@ def load_tokenizer(path: str, settings: BaseModelSettings):
     return tokenizer
 
 
-def load_config(path: str, settings: BaseModelSettings) -> dict[str, Any]:
+def load_config(path: str, settings: BaseModelSettings):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path, revision=settings.revision,
-                                      trust_remote_code=settings.trust_remote_code).to_dict()
+    return AutoConfig.from_pretrained(path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+
+
+def context_length(model_config) -> int | None:
+    """The longest sequence the model was trained on (GPT-2's n_positions reads as max_position_embeddings too)."""
+    text_config = getattr(model_config, "text_config", None) or model_config
+    return getattr(text_config, "max_position_embeddings", None)
 
 
 def load_model(path: str, settings: BaseModelSettings, dtype: torch.dtype | None = None, **kwargs):

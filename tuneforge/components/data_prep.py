@@ -193,9 +193,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     rows, skipped = load_rows(data, sources, config.task)
     model_path = models.resolve(config.base_model)
     tokenizer = models.load_tokenizer(model_path, config.base_model)
+    model_config = models.load_config(model_path, config.base_model)
     if config.exports_gguf:  # an architecture export cannot write is refused here, not after the training
         try:
-            gguf_writer.architecture(models.load_config(model_path, config.base_model))
+            gguf_writer.architecture(model_config.to_dict())
         except ExportError as exc:
             raise ModelError(f"base_model.source {config.base_model.source!r}: {exc}") from None
     # A classifier reads the text as it is: a chat template is kept only where there is one (base models have none).
@@ -277,6 +278,13 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if stats["rows_read"] and not sum(stats["kept"].values()):
             reasons = ", ".join(f"{n} {reason} ({REMEDIES.get(reason, '')})" for reason, n in stats["dropped"].items())
             raise DataError(f"{stats['path']}: every one of its {stats['rows_read']} rows was dropped: {reasons}")
+    context = models.context_length(model_config)
+    if context and lengths and max(lengths) > context:
+        # Positions past the context still compute (rotary embeddings do not stop), so training there fails quietly.
+        raise DataError(f"the longest row is {max(lengths)} tokens ({sum(n > context for n in lengths)} of "
+                        f"{len(lengths)} over), longer than base_model.source {config.base_model.source!r} was trained "
+                        f"for ({context} tokens, its max_position_embeddings): set data.max_length: {context} (longer "
+                        "rows are then dropped), or use a model with a longer context")
     if config.sft.loss_on == "assistant" and all(all(r["assistant_masks"]) for r in kept["sft"]):
         log.warning("every SFT row is raw text: loss_on=assistant has no prompt to mask")
 
