@@ -16,7 +16,8 @@ import yaml
 from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
 from safetensors.torch import load_file
 
-from tuneforge import training
+from tuneforge import models, training
+from tuneforge.config import BaseModelSettings
 
 
 def tuneforge(*args, **kwargs):
@@ -531,6 +532,32 @@ def test_evaluate_refuses_another_chat_template(prepared, tmp_path):
     result = cli("stage", "evaluate", "--config", config, "--input", f"data={tmp_path / 'data2'}", "--input", f"model={tmp_path / 'merged'}", "--output", tmp_path / "eval")
     assert result.exit_code == 2 and "chat template mismatch" in result.stderr
     assert_no_output(tmp_path / "eval")
+
+
+def test_eval_tasks_with_answers_longer_than_the_generation_are_refused(prepared, sft_output, tmp_path):
+    config, _ = prepared
+    answer = " ".join(f"word{i}" for i in range(30))
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": "Say it.", "expected": "yes"},
+                                                   {"prompt": "List them.", "expected": answer}])
+    data = tmp_path / "data"
+    prepared_again = cli("stage", "data-prep", "--config", config, "--output", data, "--set", f"data.eval_tasks={tasks}")
+    assert prepared_again.exit_code == 0, prepared_again.stderr
+    assert cli("stage", "merge", "--config", config, "--input", f"model={sft_output}", "--output", tmp_path / "merged").exit_code == 0
+    needed = len(models.load_tokenizer(str(tmp_path / "merged"), BaseModelSettings(source="tiny-llama"))(
+        answer, add_special_tokens=False)["input_ids"])
+
+    def evaluate(limit):
+        return cli("stage", "evaluate", "--config", config, "--input", f"data={data}", "--input",
+                   f"model={tmp_path / 'merged'}", "--output", tmp_path / f"eval{limit}", "--set",
+                   f"evaluate.max_new_tokens={limit}", "--set", f"data.eval_tasks={tasks}")
+
+    refused = evaluate(needed - 1)
+    assert refused.exit_code == 2
+    message = " ".join(refused.stderr.split())
+    assert f"evaluate.max_new_tokens is {needed - 1}, and 1 of the 2 eval tasks of {tasks}" in message
+    assert f"set evaluate.max_new_tokens: {needed} or more" in message
+    assert_no_output(tmp_path / f"eval{needed - 1}")
+    assert evaluate(needed).exit_code == 0
 
 
 def test_two_configs_in_one_process_each_log_to_their_own_store(tmp_path):

@@ -33,7 +33,7 @@ import torch
 from tuneforge import advice, chat_templates, checklist, classification, models, plots, registry, scoring, storage, tracking
 from tuneforge.config import Config, LmEvalSettings
 from tuneforge.data import prepared, readers
-from tuneforge.errors import SetupError, TuneforgeError
+from tuneforge.errors import ConfigError, SetupError, TuneforgeError
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,18 @@ def load_heldout(data_dir: Path, config: Config) -> dict[str, Any]:
     return {"sft": sft.select(range(min(limit, len(sft)))).to_list(), "pairs": pairs[:limit], "tasks": tasks[:limit]}
 
 
+def check_answer_room(tasks: list[dict[str, Any]], tokenizer, config: Config, data_dir: Path) -> None:
+    """Generation stops at evaluate.max_new_tokens: an eval task whose expected answer is longer could never be
+    matched, and every model's score would be capped without a word."""
+    limit = config.evaluate.max_new_tokens
+    needed = [len(tokenizer(t["expected"], add_special_tokens=False)["input_ids"]) for t in tasks]
+    if needed and max(needed) > limit:
+        source = config.data.eval_tasks or data_dir / "eval_tasks.jsonl"
+        raise ConfigError(f"evaluate.max_new_tokens is {limit}, and {sum(n > limit for n in needed)} of the {len(tasks)} "
+                          f"eval tasks of {source} expect a longer answer (the longest {max(needed)} tokens): no "
+                          f"generation could match them; set evaluate.max_new_tokens: {max(needed)} or more")
+
+
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     data_dir, model_dir = Path(inputs["data"]), Path(inputs["model"])
     data_manifest = storage.read_manifest(data_dir, "data-prep")
@@ -184,6 +196,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     if not any(data.values()):
         raise SetupError(f"{data_dir}: nothing held out to evaluate (no eval rows, pairs or tasks)")
     stop_ids = sorted(set(tokenizer.convert_tokens_to_ids(data_manifest["lineage"]["special_tokens"]["stop"])))
+    check_answer_room(data["tasks"], tokenizer, config, data_dir)
 
     results: dict[str, Any] = {}
     generations: dict[str, list[str]] = {}
