@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import alpaca_rows, assert_no_output, cli, make_config, preference_rows, write_jsonl
+from transformers import AutoTokenizer
 
 from tuneforge import models
 from tuneforge.config import BaseModelSettings
@@ -190,10 +191,31 @@ def test_eval_tasks_are_rendered(tmp_path):
 
 
 def test_named_template_and_system_prompt(tmp_path):
-    result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", alpaca_rows())], data={"chat_template": "llama3", "system_prompt": "Be terse.", "max_length": 512})
+    # The tiny model's tokenizer with Llama 3's turn markers as tokens of its own, as a Llama 3 tokenizer has them.
+    model = tmp_path / "llama3-tokens"
+    shutil.copytree(models.resolve(BaseModelSettings(source="tiny-llama")), model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.save_pretrained(model)
+    result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", alpaca_rows())], base_model={"source": str(model)},
+                           data={"chat_template": "llama3", "system_prompt": "Be terse.", "max_length": 512})
     assert result.exit_code == 0, result.stderr
     text = sft_rows(out)[0]["text"]
     assert text.startswith("<|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|>")
+    assert manifest(out)["lineage"]["special_tokens"]["stop"] == ["<|eot_id|>"]
+
+
+@pytest.mark.parametrize("template", ["llama3", "gemma"])
+def test_a_template_of_markers_the_tokenizer_lacks_is_refused(tmp_path, template):
+    """On the tiny model's ChatML tokenizer the end of a llama3 or gemma turn is plain text: nothing to stop at."""
+    result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", alpaca_rows())],
+                           data={"chat_template": template, "max_length": 512})
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "data.chat_template: the template writes" in message and "base_model.source 'tiny-llama'" in message
+    assert "never stop generating" in message and "a named template made of its tokens (chatml)" in message
+    assert "data.chat_template unset" in message
+    assert_no_output(out)
 
 
 # ------------------------------------------------------------- malformed input

@@ -17,6 +17,7 @@ from conftest import EXAMPLES, alpaca_rows, assert_no_output, cli, make_config, 
 from safetensors.torch import load_file
 
 from tuneforge import models, training
+from tuneforge.chat_templates import CHATML
 from tuneforge.config import BaseModelSettings
 
 
@@ -527,7 +528,9 @@ def test_evaluate_refuses_another_chat_template(prepared, tmp_path):
     config, data = prepared
     assert cli("stage", "sft", "--config", config, "--input", f"data={data}", "--output", tmp_path / "sft").exit_code == 0
     assert cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged").exit_code == 0
-    other = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data2", "--set", "data.chat_template=llama3", "--set", "data.max_length=512")
+    other_template = json.dumps(CHATML.replace("'<|im_end|>' + '\n'", "'<|im_end|>' + '\n\n'"))  # a blank line between turns
+    other = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data2",
+                "--set", f"data.chat_template={other_template}", "--set", "data.max_length=512")
     assert other.exit_code == 0, other.stderr
     result = cli("stage", "evaluate", "--config", config, "--input", f"data={tmp_path / 'data2'}", "--input", f"model={tmp_path / 'merged'}", "--output", tmp_path / "eval")
     assert result.exit_code == 2 and "chat template mismatch" in result.stderr

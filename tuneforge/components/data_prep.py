@@ -181,6 +181,30 @@ def empty_split_error(what: str, sources: dict[str, dict[str, Any]], kinds: tupl
     return DataError(f"data-prep: no {what} after reading and filtering ({' or '.join(kinds)} rows):\n" + "\n".join(lines))
 
 
+def check_turn_end(renderer: Renderer, source: str) -> None:
+    """An assistant turn must end in a token the tokenizer holds whole (its EOS or an end-of-turn token): a template
+    of another family's markers (llama3's <|eot_id|> on a ChatML tokenizer) is learned as plain text, and the model
+    never stops generating. Nothing says so during training; evaluate and serving only see endless answers."""
+    try:
+        scaffold = renderer.answer_scaffold()
+    except Exception:  # a template that cannot render the probe fails on the rows themselves, with their line
+        return
+    if renderer.specials_in(scaffold):
+        return
+    fitting = []
+    for name, template in chat_templates.NAMED.items():
+        named = Renderer(renderer.tokenizer, template, None)
+        if named.specials_in(named.answer_scaffold()):
+            fitting.append(name)
+    ways = [f"a named template made of its tokens ({', '.join(fitting)})"] if fitting else []
+    if renderer.tokenizer.chat_template and renderer.template != renderer.tokenizer.chat_template:
+        ways.append("data.chat_template unset (the tokenizer's own template)")
+    ways.append("a template of your own that ends each assistant turn with {{ eos_token }}")
+    raise TemplateError(
+        f"data.chat_template: the template writes {scaffold!r} around an assistant answer, and the tokenizer of "
+        f"base_model.source {source!r} has none of it as a token of its own: the model would learn the end of a turn "
+        f"as plain text and never stop generating. Use {'; or '.join(ways)}")
+
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     data = config.data
     started = time.perf_counter()
@@ -203,6 +227,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     needs_template = config.task == "generation" or data.chat_template or tokenizer.chat_template
     template = chat_templates.resolve(data.chat_template, tokenizer) if needs_template else ""
     renderer = Renderer(tokenizer, template, data.system_prompt)
+    if config.task == "generation" and (data.eval_tasks or any(r.kind != "sft" or r.text is None for r in rows)):
+        check_turn_end(renderer, config.base_model.source)
     eval_tasks = read_eval_tasks(data.eval_tasks, renderer) if data.eval_tasks else []
 
     rows = mix(deduplicate(rows, sources) if data.dedupe else rows, data, sources)

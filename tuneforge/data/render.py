@@ -63,6 +63,15 @@ class Renderer:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return messages
 
+    def specials_in(self, text: str) -> set[str]:
+        return {t for t in self.special if t and t in text}
+
+    def answer_scaffold(self) -> str:
+        """What the template writes around an assistant answer (in a probe conversation), the answer left out."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        before = self.render(probe[:1], generation_prompt=True)
+        return self.render(probe)[len(before) :].replace("Hello", "", 1)
+
     def sft(self, row: Row) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans the model learns (assistant turns, or all raw text)."""
         if row.text is not None:
@@ -84,7 +93,7 @@ class Renderer:
             scaffold = upto[len(before) :].replace(message["content"], "")
             stops = self._stops_in.get(scaffold)  # the template's text around an answer: mostly the same one
             if stops is None:
-                stops = {t for t in self.special if t and t in scaffold}
+                stops = self.specials_in(scaffold)
                 if len(self._stops_in) < 256:
                     self._stops_in[scaffold] = stops
             self.stop_tokens |= stops
