@@ -205,6 +205,7 @@ def check_turn_end(renderer: Renderer, source: str) -> None:
         f"base_model.source {source!r} has none of it as a token of its own: the model would learn the end of a turn "
         f"as plain text and never stop generating. Use {'; or '.join(ways)}")
 
+
 def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]:
     data = config.data
     started = time.perf_counter()
