@@ -189,12 +189,12 @@ def check_turn_end(renderer: Renderer, source: str) -> None:
         scaffold = renderer.answer_scaffold()
     except Exception:  # a template that cannot render the probe fails on the rows themselves, with their line
         return
-    if renderer.specials_in(scaffold):
+    if scaffold is None or renderer.specials_in(scaffold):  # None: no answer rendered, which the rows' check names
         return
     fitting = []
     for name, template in chat_templates.NAMED.items():
         named = Renderer(renderer.tokenizer, template, None)
-        if named.specials_in(named.answer_scaffold()):
+        if named.specials_in(named.answer_scaffold() or ""):
             fitting.append(name)
     ways = [f"a named template made of its tokens ({', '.join(fitting)})"] if fitting else []
     if renderer.tokenizer.chat_template and renderer.template != renderer.tokenizer.chat_template:

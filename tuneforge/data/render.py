@@ -66,11 +66,13 @@ class Renderer:
     def specials_in(self, text: str) -> set[str]:
         return {t for t in self.special if t and t in text}
 
-    def answer_scaffold(self) -> str:
-        """What the template writes around an assistant answer (in a probe conversation), the answer left out."""
+    def answer_scaffold(self) -> str | None:
+        """What the template writes around an assistant answer (in a probe conversation), the answer left out; None
+        where it does not write the answer at all."""
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         before = self.render(probe[:1], generation_prompt=True)
-        return self.render(probe)[len(before) :].replace("Hello", "", 1)
+        turn = self.render(probe)[len(before) :]
+        return turn.replace("Hello", "", 1) if "Hello" in turn else None
 
     def sft(self, row: Row) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans the model learns (assistant turns, or all raw text)."""
