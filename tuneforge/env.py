@@ -7,6 +7,7 @@ PARENT_RUN_ID = "TUNEFORGE_PARENT_RUN_ID"  # the pipeline's MLflow run, parent o
 RUN_ID = "TUNEFORGE_RUN_ID"  # names the run's folder under storage.uri
 CHECKPOINT_URI = "TUNEFORGE_CHECKPOINT_URI"  # where sft/dpo mirror their checkpoints (an S3 prefix)
 DATA_FINGERPRINT = "TUNEFORGE_DATA_FINGERPRINT"  # the data as the run's first task found it; data-prep checks it
+BASE_MODEL_FINGERPRINT = "TUNEFORGE_BASE_MODEL_FINGERPRINT"  # the base model as that task found it; in the lineage
 PUBLISH_URI = "TUNEFORGE_PUBLISH_URI"  # where the stage's output will be published; recorded in its lineage
 # The KFP run a task belongs to: the pod's `pipeline/runid` label on a cluster, set by `tuneforge run` locally. Not a task
 # input, so that it stays out of the tasks' cache keys.

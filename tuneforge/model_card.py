@@ -20,7 +20,9 @@ def render(result: dict[str, Any], lineage: dict[str, Any], evaluation: dict[str
     stage before it recorded), `evaluation` evaluate's metrics, `model_source` where the merged model is kept,
     `gguf_files` type -> URI."""
     name, version = result["name"], result["version"]
-    lines = [f"# {name} version {version}", "", f"Fine-tuned from **{lineage.get('base_model')}**.", ""]
+    commit = f" at commit `{lineage['base_model_commit']}`" if lineage.get("base_model_commit") else ""
+    lines = [f"# {name} version {version}", "", f"Fine-tuned from **{lineage.get('base_model')}**{commit} (fingerprint "
+             f"`{str(lineage.get('base_model_fingerprint', ''))[:16]}`).", ""]
     if evaluation.get("winner"):
         lines += [f"The **{evaluation['winner']}** model: {evaluation['winner_reason']}.", ""]
 

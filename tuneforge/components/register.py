@@ -44,6 +44,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         "base_model": lineage.get("base_model"),
         "data_sha256": lineage.get("data_sha256"),
         "data_fingerprint": lineage.get("data_fingerprint"),
+        "base_model_fingerprint": lineage.get("base_model_fingerprint"),
         "chat_template_sha256": lineage.get("chat_template_sha256"),
         "config_hash": config.hash(),
         "code_version": tracking.code_version(),
@@ -52,6 +53,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         "trained_by": trained_by,
         "winner_reason": evaluation["metrics"].get("winner_reason"),
     }
+    if lineage.get("base_model_commit"):
+        tags["base_model_commit"] = lineage["base_model_commit"]
     gguf_files: dict[str, str] = {}
     gguf = None
     if "gguf" in inputs:

@@ -4,6 +4,8 @@ a schedule retrains when the files under the same names change and takes everyth
 
 Local files: sha256 of their bytes. S3: the ETag, size and version id of the object, or of every object under a
 prefix. The fingerprint lists the objects it covered; they go into data-prep's lineage and the pipeline's MLflow run.
+
+The base model gets a fingerprint of its own (`models.fingerprint`), handed to data-prep beside the data's.
 """
 
 from __future__ import annotations
@@ -27,21 +29,10 @@ def _local(path: str) -> list[dict[str, Any]]:
 
 
 def _s3(uri: str, endpoint_url: str | None) -> list[dict[str, Any]]:
-    bucket, key = storage.split_s3(uri)
-    client = storage.s3_client(endpoint_url)
-    with storage.s3_errors(uri):
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        found = [o for page in pages for o in page.get("Contents", []) if o["Key"] == key or
-                 o["Key"].startswith(key.rstrip("/") + "/")]
-        if not found:
-            raise DataError(f"{uri}: no such object or prefix in S3")
-        objects = []
-        for item in sorted(found, key=lambda o: o["Key"]):
-            # head_object has the version id where the bucket keeps versions; the listing does not.
-            head = client.head_object(Bucket=bucket, Key=item["Key"])
-            objects.append({"source": uri, "key": f"s3://{bucket}/{item['Key']}", "etag": head["ETag"].strip('"'),
-                            "size": head["ContentLength"], "version": head.get("VersionId")})
-    return objects
+    found = storage.objects(uri, endpoint_url)
+    if not found:
+        raise DataError(f"{uri}: no such object or prefix in S3")
+    return [{"source": uri, **item} for item in found]
 
 
 def lm_eval_files(config: Config) -> list[str]:

@@ -29,9 +29,10 @@ EXPORT_IMAGE = f"{REGISTRY}/tuneforge-export:{TAG}"
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start(config_json: str, job_id: str) -> NamedTuple("Started", [("fingerprint", str), ("champion", str)]):
-    """Never cached: open (or, on a retry, find) the pipeline's MLflow run, fingerprint the data as it is now, and find
-    the champion (its registered version as JSON, empty when there is none)."""
+def start(config_json: str, job_id: str) -> NamedTuple("Started", [("fingerprint", str), ("base_model", str),
+                                                                    ("champion", str)]):
+    """Never cached: open (or, on a retry, find) the pipeline's MLflow run, fingerprint the data and the base model as
+    they are now, and find the champion (its registered version as JSON, empty when there is none)."""
     from tuneforge.pipelines.stage_runner import start_run
 
     return start_run(config_json, job_id)
@@ -46,14 +47,17 @@ def finish_run(config_json: str, job_id: str, status: dsl.PipelineTaskFinalStatu
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def data_prep(config_json: str, code_version: str, data_fingerprint: str, data: Output[Dataset],
-              report: Output[Markdown]):
-    """data_fingerprint: the data as the run's first task found it; data-prep checks it still is."""
+def data_prep(config_json: str, code_version: str, data_fingerprint: str, base_model_fingerprint: str,
+              data: Output[Dataset], report: Output[Markdown]):
+    """data_fingerprint: the data as the run's first task found it; data-prep checks it still is.
+    base_model_fingerprint: the base model as that task found it; a change reruns every stage, as a change to the data
+    does."""
     import shutil
 
     from tuneforge.pipelines.stage_runner import run_stage
 
-    run_stage("data-prep", config_json, {}, data.path, data_fingerprint=data_fingerprint)
+    run_stage("data-prep", config_json, {}, data.path, data_fingerprint=data_fingerprint,
+              base_model_fingerprint=base_model_fingerprint)
     shutil.copy(f"{data.path}/report.md", report.path)
 
 

@@ -130,7 +130,8 @@ def build(config: Config, local: bool = False):
                 view = config.view(name, with_cluster=multi_node(config, name)).to_json()
                 return _configure(component(config_json=view, code_version=code_version, **inputs), name, config, local)
 
-            prep = stage("data-prep", c.data_prep, data_fingerprint=started.outputs["fingerprint"])
+            prep = stage("data-prep", c.data_prep, data_fingerprint=started.outputs["fingerprint"],
+                         base_model_fingerprint=started.outputs["base_model"])
             data = prep.outputs["data"]
             after_sft = "dpo" if config.dpo.enabled else "grpo" if config.grpo.enabled else None
             after_component = {"dpo": c.dpo, "grpo": c.grpo}.get(after_sft)
@@ -325,7 +326,7 @@ def _outputs(config: Config, run_folder: Path) -> dict[str, tuple[Path | None, s
             lineage = json.loads((folder / "manifest.json").read_text())["lineage"]
             inputs = set(lineage.get("inputs", {}).values())
             if spec.name == "data-prep":
-                inputs.add(lineage.get("data_fingerprint"))
+                inputs |= {lineage.get("data_fingerprint"), lineage.get("base_model_fingerprint")}
             if lineage.get("config_hash") == view_hash and inputs <= known | measured:
                 found[task] = (folder, "cached")
                 known.add(str(folder))

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlflow
 
-from tuneforge import env, registry, stages, storage, tracking
+from tuneforge import env, models, registry, stages, storage, tracking
 from tuneforge.config import Config
 from tuneforge.data.fingerprint import fingerprint
 from tuneforge.errors import SetupError, TuneforgeError
@@ -41,10 +41,10 @@ def run_identity(job_id: str) -> str:
     return os.environ.get(env.KFP_RUN_ID) or job_id
 
 
-def start_run(config_json: str, job_id: str) -> tuple[str, str]:
-    """Open the pipeline's MLflow run (or find it, on a retry), fingerprint the data and find the champion; the
-    fingerprint and what it covered are logged to the run. Returns (fingerprint, the champion's version, source and
-    model_sha256 as JSON, or "")."""
+def start_run(config_json: str, job_id: str) -> tuple[str, str, str]:
+    """Open the pipeline's MLflow run (or find it, on a retry), fingerprint the data and the base model and find the
+    champion; the fingerprints and what they covered are logged to the run. Returns (the data's fingerprint, the base
+    model's, the champion's version, source and model_sha256 as JSON, or "")."""
     _log_to_task()
     config = Config.model_validate(json.loads(config_json))
     job = run_identity(job_id)
@@ -54,15 +54,21 @@ def start_run(config_json: str, job_id: str) -> tuple[str, str]:
         run_id = client.create_run(tracking.setup(config), run_name=config.name,
                                    tags={"tuneforge.stage": "pipeline", "kfp.job_id": job}).info.run_id
     found = fingerprint(config)
+    model = models.fingerprint(config.base_model)
+    if model["identity"].get("files", []) is None:
+        log.warning("base_model.source %s is not visible to this task: new weights there will not retrain a scheduled "
+                    "run; keep base models that change on S3 or the Hub", config.base_model.source)
     name = config.registry.model_name or config.name
     champion = registry.champion_reference(client, name) if config.registry.enabled else None
     for key, value in {"data.fingerprint": found["sha256"], "data.objects": str(len(found["objects"])),
+                       "base_model.fingerprint": model["sha256"],
                        "registry.champion_at_start": champion["version"] if champion else "none"}.items():
         client.set_tag(run_id, key, value)
     client.log_dict(run_id, found, "fingerprint.json")
-    log.info("data fingerprint %s over %d objects; champion %s", found["sha256"][:12], len(found["objects"]),
-             f"version {champion['version']}" if champion else "none")
-    return found["sha256"], json.dumps(champion) if champion else ""
+    client.log_dict(run_id, model, "base_model_fingerprint.json")
+    log.info("data fingerprint %s over %d objects; base model %s; champion %s", found["sha256"][:12],
+             len(found["objects"]), model["sha256"][:12], f"version {champion['version']}" if champion else "none")
+    return found["sha256"], model["sha256"], json.dumps(champion) if champion else ""
 
 
 def finish_run(config_json: str, job_id: str, state: str, error: str | None) -> None:
@@ -78,7 +84,8 @@ def finish_run(config_json: str, job_id: str, state: str, error: str | None) -> 
 
 
 def run_stage(stage: str, config_json: str, inputs: dict[str, str], output: str, job_image: str = "",
-              data_fingerprint: str = "", parent_run: str | None = None) -> dict[str, Any]:
+              data_fingerprint: str = "", base_model_fingerprint: str = "",
+              parent_run: str | None = None) -> dict[str, Any]:
     """Run one stage under the pipeline's MLflow run (`parent_run`, or the one of the KFP run in KFP_RUN_ID) and
     publish its output to S3. sft or dpo on several nodes is handed to Kubeflow Trainer instead, in `job_image`
     (pipelines/trainjob.py)."""
@@ -93,6 +100,8 @@ def run_stage(stage: str, config_json: str, inputs: dict[str, str], output: str,
     os.environ[env.RUN_ID] = parent or f"unlinked-{uuid.uuid4().hex[:12]}"
     if data_fingerprint:
         os.environ[env.DATA_FINGERPRINT] = data_fingerprint
+    if base_model_fingerprint:
+        os.environ[env.BASE_MODEL_FINGERPRINT] = base_model_fingerprint
     uri = storage.published_uri(config.storage.uri, config.name, spec.folder)
     if uri:
         os.environ[env.PUBLISH_URI] = uri
