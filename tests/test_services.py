@@ -137,6 +137,41 @@ def test_registry_gate_both_ways_and_rollback(s3_env):
         registry.rollback(client, name)
 
 
+def test_a_win_within_the_noise_of_the_eval_split_is_not_promoted(s3_env):
+    """40 eval tasks, the champion right on 30. A candidate right on 2 more is 0.05 better on the means, inside the
+    noise of 40 paired tasks (95%: ±0.068): it stays challenger, and the reasons say what to change. 8 more right is a
+    clear win. confidence 0 decides on the means alone."""
+    client = mlflow.MlflowClient(tracking_uri=s3_env["MLFLOW_TRACKING_URI"])
+    name = "noise-test"
+    base_items = {"task_score": [0.0] * 40}
+    champion_items = {"task_score": [1.0] * 30 + [0.0] * 10}
+
+    def register(source, right, confidence=0.95):
+        items = {"task_score": [1.0] * right + [0.0] * (40 - right)}
+        evaluation = {"base": {"task_score": 0.0}, "candidate": {"task_score": right / 40},
+                      "noise": {"base": registry.paired_noise(items, base_items),
+                                "champion": registry.paired_noise(items, champion_items)}}
+        if client.search_model_versions(f"name = '{name}'"):
+            evaluation |= {"champion": {"task_score": 0.75}, "champion_model_sha256": "s3://tuneforge/n/1"}
+        settings = RegistrySettings(primary_metric="task_score", guards={}, confidence=confidence)
+        return registry.register(client, name, source, None, {}, evaluation, source, settings)
+
+    assert register("s3://tuneforge/n/1", 30)["decision"]["promoted"]
+    noisy = register("s3://tuneforge/n/2", 32)
+    assert not noisy["decision"]["promoted"] and noisy["aliases"] == ["challenger"]
+    assert any("task_score 0.8 vs champion v1 (re-scored on this run's eval split) 0.75: the gain 0.05 is within the "
+               "noise of 40 paired items (±0.0684 at 95% confidence): not a clear win. More eval rows or tasks narrow "
+               "it; registry.confidence: 0 decides on the means alone" in r for r in noisy["decision"]["reasons"]), noisy
+    assert any("vs base 0: beats it by more than 0.0 plus the noise of 40 paired items" in r
+               for r in noisy["decision"]["reasons"]), noisy
+    assert register("s3://tuneforge/n/3", 32, confidence=0)["decision"]["promoted"]
+    client.set_registered_model_alias(name, "champion", "1")
+    clear = register("s3://tuneforge/n/4", 38)
+    assert clear["decision"]["promoted"], clear
+    assert any("0.95 vs champion v1 (re-scored on this run's eval split) 0.75: beats it by more than 0.0 plus the noise "
+               "of 40 paired items (±0.126 at 95%)" in r for r in clear["decision"]["reasons"]), clear
+
+
 def test_manual_approval_waits_for_a_person_both_ways(stack, s3_env, monkeypatch):
     """registry.approval: manual: a candidate that passes the gate waits as approved-pending and only `tuneforge
     promote` (the approval) makes it champion, recording who and when; one that fails the gate does not wait."""

@@ -53,6 +53,9 @@ def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path
     assert f"task logs: {summary['log']}" in result.stderr
     assert "Task 'sft' finished with status" in Path(summary["log"]).read_text().replace("\x1b[96m", "").replace("\x1b[0m", "")
     assert summary["registered_model"]["aliases"] == ["challenger", "champion"]
+    # The win over the base model is larger than the noise of the held-out rows, paired row by row.
+    assert any(r.startswith("eval_loss") and "vs base" in r and "beats it by more than 0.0 plus the noise of" in r
+               for r in summary["registered_model"]["decision"]["reasons"]), summary["registered_model"]["decision"]
     # The guide's checklist, ticked from what the stages measured; every item carries its evidence.
     checklist = {i["key"]: i for i in summary["checklist"]}
     assert {k: i["status"] for k, i in checklist.items()} == {
@@ -95,6 +98,7 @@ def test_tiny_pipeline_through_kfp_local_with_tracking_and_cached_rerun(tmp_path
     assert "checklist.md" in {a.path.split("/")[-1] for a in client.list_artifacts(register.info.run_id, "register")}
     report = Path(summary["artifacts"]["evaluate"], "report.md").read_text()
     assert "## The guide's checklist" in report and "| ✓ | eval loss watched | sft eval loss at" in report
+    assert re.search(r"\| eval_loss \| [\d.]+ \| [\d.]+ \| -[\d.]+ ± [\d.]+ \|", report), report
     # tiny.yaml's learning rate is outside the table on purpose; the report says so.
     assert "sft.learning_rate is 0.003, outside the guide's range for full fine-tuning" in report
 

@@ -294,4 +294,6 @@ def test_heldout_loss_equals_the_cross_entropy_over_full_logits():
         total = sum(torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1],
                                                       torch.tensor(r["labels"][1:]), reduction="sum").item() for r in rows)
     expected = total / sum(len(r["input_ids"]) - p for r, p in zip(rows, (12, 4, 14), strict=True))
-    assert heldout_loss(model, rows, pad_id=0, batch_size=3)["eval_loss"] == pytest.approx(expected, abs=1e-4)
+    metrics, items = heldout_loss(model, rows, pad_id=0, batch_size=3)
+    assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-4)
+    assert sum(items) / len(items) == pytest.approx(expected, abs=1e-4)  # each row's share: their mean is the loss

@@ -532,6 +532,11 @@ class RegistrySettings(Strict):
     primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion (task "
                                 "classification: accuracy unless set; also macro_f1 or eval_loss).")
     min_improvement: float = Field(0.0, ge=0, description="How much the candidate must beat base and champion by.")
+    confidence: float = Field(
+        0.95, ge=0, lt=1, description="A win must be larger than the noise of the eval split: the gain's confidence "
+        "interval at this level, from the item-by-item differences (held-out rows, pairs or tasks) between the "
+        "candidate and the model it is compared with on the same items, must clear min_improvement. 0: the means "
+        "alone decide.")
     guards: dict[str, float] = Field(
         default_factory=lambda: {"eval_loss": 0.05},
         description="Metric -> the regression allowed against base and champion (absolute units).",

@@ -2,8 +2,11 @@
 gate, approval and rollback. Aliases, not the deprecated stages.
 
 The gate compares the candidate with the champion on the numbers evaluate measured in the same run, on the same eval
-split (evaluate re-scores the champion's registered files). A version's own metrics are also kept as `metric.NAME`
-tags; they are the fallback when the champion could not be re-scored, and the decision then says so. A version's
+split (evaluate re-scores the champion's registered files), and asks for a win larger than the noise of that split: the
+paired differences item by item (held-out row, pair, task) give the standard error of the gain, and a gain inside
+`registry.confidence`'s interval is not a win (retraining on a schedule would otherwise swap champions on noise).
+A version's own metrics are also kept as `metric.NAME` tags; they are the fallback when the champion could not be
+re-scored, and the decision then says so (no noise is measured then: they come from another split). A version's
 `model_sha256` (a digest of its merged files) tells a retrained model from one the registry already holds.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,24 +42,51 @@ def improvement(metric: str, candidate: float, reference: float) -> float:
     return reference - candidate if metric in LOWER_IS_BETTER else candidate - reference
 
 
+def paired_noise(candidate: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """For each metric scored item by item on both models (the same items): how many, and the standard error of the
+    mean of their differences, which is the difference of the two means."""
+    noise = {}
+    for metric, values in candidate.items():
+        other = reference.get(metric)
+        if other is not None and len(other) == len(values) >= 2:
+            differences = [a - b for a, b in zip(values, other, strict=True)]
+            noise[metric] = {"n": len(values), "stderr": statistics.stdev(differences) / len(values) ** 0.5}
+    return noise
+
+
 def gate(candidate: dict[str, float], base: dict[str, float], champion: dict[str, float] | None,
-         settings: RegistrySettings, champion_label: str = "champion") -> tuple[bool, list[str]]:
-    """Promote only when the candidate beats the base model and the champion on the primary metric and no
-    guard metric regresses past its tolerance. Returns the decision and its reasons."""
+         settings: RegistrySettings, champion_label: str = "champion",
+         noise: dict[str, dict[str, dict[str, float]] | None] | None = None) -> tuple[bool, list[str]]:
+    """Promote only when the candidate beats the base model and the champion on the primary metric by more than
+    min_improvement plus the noise of the comparison, and no guard metric regresses past its tolerance. `noise`:
+    "base" / "champion" -> paired_noise against that model, where it was measured on the same items. Returns the
+    decision and its reasons."""
     primary = settings.primary_metric
     if primary not in candidate:
         raise RegistryError(f"registry.primary_metric {primary!r} is not among the evaluation metrics {sorted(candidate)}")
+    noise = noise or {}
+    z = statistics.NormalDist().inv_cdf(0.5 + settings.confidence / 2) if settings.confidence else 0.0
     reasons, passed = [], True
-    for label, reference in (("base", base), (champion_label, champion)):
+    for key, label, reference in (("base", "base", base), ("champion", champion_label, champion)):
         if reference is None:
             reasons.append(f"no current {label}")
             continue
         if primary in reference:
             gain = improvement(primary, candidate[primary], reference[primary])
-            ok = gain > settings.min_improvement
+            measured = (noise.get(key) or {}).get(primary)
+            margin = z * measured["stderr"] if measured else 0.0
+            ok = gain - margin > settings.min_improvement
             passed &= ok
-            reasons.append(f"{primary} {candidate[primary]:.4g} vs {label} {reference[primary]:.4g}: "
-                           f"{'beats' if ok else 'does not beat'} it by more than {settings.min_improvement}")
+            compared = f"{primary} {candidate[primary]:.4g} vs {label} {reference[primary]:.4g}"
+            if measured and settings.confidence and gain > settings.min_improvement and not ok:
+                reasons.append(f"{compared}: the gain {gain:.4g} is within the noise of {measured['n']} paired items "
+                               f"(±{margin:.3g} at {settings.confidence:.0%} confidence): not a clear win. More eval rows "
+                               "or tasks narrow it; registry.confidence: 0 decides on the means alone")
+            else:
+                noted = (f" plus the noise of {measured['n']} paired items (±{margin:.3g} at {settings.confidence:.0%})"
+                         if measured and settings.confidence else "")
+                reasons.append(f"{compared}: {'beats' if ok else 'does not beat'} it by more than "
+                               f"{settings.min_improvement}{noted}")
         for metric, tolerance in settings.guards.items():
             if metric in candidate and metric in reference:
                 loss = -improvement(metric, candidate[metric], reference[metric])
@@ -111,7 +142,8 @@ def _same_model(client: MlflowClient, name: str, model_sha256: str):
 
 
 def _champion_numbers(evaluation: dict[str, Any], champion) -> tuple[dict[str, float] | None, str]:
-    """The champion's metrics to gate on, and how they were measured."""
+    """The champion's metrics to gate on, and how they were measured (they are evaluation["champion"] itself when it
+    was re-scored in this run)."""
     if champion is None:
         return None, "champion"
     version = f"champion v{champion.version}"
@@ -148,7 +180,10 @@ def register(client: MlflowClient, name: str, source: str, run_id: str, tags: di
         client.set_registered_model_alias(name, CHALLENGER, number)
         champion = current_champion(client, name)
         champion_metrics, label = _champion_numbers(evaluation, champion)
-        passed, reasons = gate(candidate, evaluation["base"], champion_metrics, settings, label)
+        noise = dict(evaluation.get("noise", {}))
+        if champion_metrics is not evaluation.get("champion"):  # stored metrics, from another split: nothing paired
+            noise.pop("champion", None)
+        passed, reasons = gate(candidate, evaluation["base"], champion_metrics, settings, label, noise)
         pending = passed and settings.approval == "manual"
         if pending:
             client.set_registered_model_alias(name, PENDING, number)

@@ -28,12 +28,17 @@ def score(output: str, expected: str) -> dict[str, float]:
     }
 
 
+def task_items(outputs: list[str], tasks: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each score of each task, and task_score: the score each task names as its metric; task_metrics are their means."""
+    per_task = [score(o, t["expected"]) for o, t in zip(outputs, tasks, strict=True)]
+    items = {f"task_{name}": [s[name] for s in per_task] for name in SCORES}
+    items["task_score"] = [s[t["metric"]] for s, t in zip(per_task, tasks, strict=True)]
+    return items
+
+
 def task_metrics(outputs: list[str], tasks: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of each score over the tasks, and task_score: the mean of the score each task names as its metric."""
-    per_task = [score(o, t["expected"]) for o, t in zip(outputs, tasks, strict=True)]
-    metrics = {f"task_{name}": sum(s[name] for s in per_task) / len(per_task) for name in SCORES}
-    metrics["task_score"] = sum(s[t["metric"]] for s, t in zip(per_task, tasks, strict=True)) / len(per_task)
-    return metrics
+    return {name: sum(values) / len(values) for name, values in task_items(outputs, tasks).items()}
 
 
 def by_metric(outputs: list[str], reference: list[str], tasks: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -64,15 +64,18 @@ def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_loss(model, rows, pad_id: int, batch_size: int) -> dict[str, float]:
-    total, count = 0.0, 0
+def heldout_loss(model, rows, pad_id: int, batch_size: int) -> tuple[dict[str, float], list[float]]:
+    """The mean loss over every labelled token of the rows, and each row's share of it scaled by the number of rows
+    (their mean is the loss), which pairs two models' losses row by row."""
+    row_losses, count = [], 0
     for batch in _batches(rows, batch_size):
         ids, labels = _padded([r["input_ids"] for r in batch], pad_id), _padded([r["labels"] for r in batch], -100)
         mask = _padded([[1] * len(r["input_ids"]) for r in batch], 0)
-        total -= label_log_probs(model, ids, mask, labels).sum().item()
+        row_losses += (-label_log_probs(model, ids, mask, labels).sum(1)).tolist()
         count += int((labels[:, 1:] != -100).sum())
-    mean = total / max(count, 1)
-    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50))}
+    count = max(count, 1)
+    mean = sum(row_losses) / count
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50))}, [loss * len(rows) / count for loss in row_losses]
 
 
 @torch.no_grad()
@@ -91,11 +94,12 @@ def answer_logp(model, tokenizer, prompts: list[str], answers: list[str], batch_
     return results
 
 
-def preference_accuracy(model, tokenizer, pairs: list[dict[str, str]], batch_size: int) -> float:
+def preference_accuracy(model, tokenizer, pairs: list[dict[str, str]], batch_size: int) -> list[float]:
+    """For each pair, 1 where the chosen answer is the more likely one."""
     prompts = [p["prompt"] for p in pairs]
     chosen = answer_logp(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size)
     rejected = answer_logp(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size)
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+    return [float(c > r) for c, r in zip(chosen, rejected, strict=True)]
 
 
 @torch.no_grad()
@@ -140,22 +144,29 @@ def lm_eval_scores(model, tokenizer, settings: LmEvalSettings) -> dict[str, floa
     return scores
 
 
-def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_ids: list[int]) -> tuple[dict, list[str]]:
+def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config,
+                   stop_ids: list[int]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+    """The model's metrics; for those that are a mean over held-out rows, pairs or tasks, each item's value (so two
+    models can be compared item by item); its answers to the eval tasks."""
     settings = config.evaluate
     model.eval()
     metrics: dict[str, float] = {}
+    items: dict[str, list[float]] = {}
     if data["sft"]:
-        metrics.update(heldout_loss(model, data["sft"], tokenizer.pad_token_id, settings.batch_size))
+        loss, items["eval_loss"] = heldout_loss(model, data["sft"], tokenizer.pad_token_id, settings.batch_size)
+        metrics.update(loss)
     if data["pairs"]:
-        metrics["preference_accuracy"] = preference_accuracy(model, tokenizer, data["pairs"], settings.batch_size)
+        items["preference_accuracy"] = preference_accuracy(model, tokenizer, data["pairs"], settings.batch_size)
+        metrics["preference_accuracy"] = sum(items["preference_accuracy"]) / len(data["pairs"])
     outputs: list[str] = []
     if data["tasks"]:
         prompts = [t["prompt"] for t in data["tasks"]]
         outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.generation_batch_size)
+        items.update(scoring.task_items(outputs, data["tasks"]))
         metrics.update(scoring.task_metrics(outputs, data["tasks"]))
     if settings.lm_eval.tasks:
         metrics.update(lm_eval_scores(model, tokenizer, settings.lm_eval))
-    return metrics, outputs
+    return metrics, items, outputs
 
 
 def load_heldout(data_dir: Path, config: Config) -> dict[str, Any]:
@@ -200,6 +211,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
 
     results: dict[str, Any] = {}
     generations: dict[str, list[str]] = {}
+    items: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="tuneforge-champion-") as scratch:
         scored = {"base": models.resolve(config.base_model)}
         if "champion" in inputs:
@@ -222,7 +234,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         for name, path in scored.items():
             log.info("evaluating the %s model", name)
             model = models.load_model(path, config.base_model)
-            results[name], generations[name] = evaluate_model(model, tokenizer, data, config, stop_ids)
+            results[name], items[name], generations[name] = evaluate_model(model, tokenizer, data, config, stop_ids)
             del model
     results["trained_by"] = next(iter(contenders))
     if len(contenders) > 1:
@@ -230,8 +242,10 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         results["winner"], results["winner_reason"] = _better(trained, results[trained], results["sft"], config)
         log.info("the %s model is the candidate: %s", results["winner"], results["winner_reason"])
         results["candidate"], results["trained_by"] = results[results["winner"]], results["winner"]
-        generations["candidate"] = generations[results["winner"]]
+        generations["candidate"], items["candidate"] = generations[results["winner"]], items[results["winner"]]
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
+    results["noise"] = {reference: registry.paired_noise(items["candidate"], items[reference])
+                        for reference in ("base", "champion") if reference in items}
     models_scored = tuple(scored)
 
     histories = {k: Path(inputs[k]) / "train_history.json" for k in ("sft", "dpo", "grpo") if k in inputs}
@@ -396,9 +410,15 @@ def _report(results: dict[str, Any], models_scored: tuple[str, ...], samples: li
         lines += ["## Settings outside the guide's hyperparameter table", "",
                   *[f"- {w}" for w in results["hyperparameter_warnings"]], ""]
     lines += ["| metric | " + " | ".join(models_scored) + " | candidate - base |", "|---" * (len(models_scored) + 2) + "|"]
+    noise = results.get("noise", {}).get("base", {})
     for key in results["candidate"]:
         cells = [f"{results[m][key]:.4f}" for m in models_scored]
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {results['delta'][key]:+.4f} |")
+        spread = f" ± {noise[key]['stderr']:.4f}" if key in noise else ""
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {results['delta'][key]:+.4f}{spread} |")
+    if noise:
+        lines += ["", "± is the standard error of the difference, paired item by item (held-out row, pair or task); "
+                  "the registry's gate counts a gain smaller than its confidence interval as noise "
+                  "(`registry.confidence`)."]
     if results.get("champion_error"):
         lines += ["", f"The champion is not re-scored: {results['champion_error']}."]
     lines += ["", "![scores](before_after.png)", ""]

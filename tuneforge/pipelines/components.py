@@ -172,7 +172,8 @@ def evaluate(config_json: str, code_version: str, champion: str, data: Input[Dat
     scored = [m for m in ("base", "champion", "candidate") if m in result["metrics"]]
     record_metrics(metrics, {f"{m}_{k}": v for m in scored for k, v in result["metrics"][m].items()})
     settings = Config.model_validate(json.loads(config_json)).registry
-    passed, _ = registry.gate(result["metrics"]["candidate"], result["metrics"]["base"], None, settings)
+    passed, _ = registry.gate(result["metrics"]["candidate"], result["metrics"]["base"], None, settings,
+                              noise=result["metrics"].get("noise"))
     return result["metrics"]["trained_by"] if passed else ""
 
 
