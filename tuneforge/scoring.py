@@ -36,9 +36,13 @@ def task_items(outputs: list[str], tasks: list[dict[str, Any]]) -> dict[str, lis
     return items
 
 
+def means(items: dict[str, list[float]]) -> dict[str, float]:
+    return {name: sum(values) / len(values) for name, values in items.items()}
+
+
 def task_metrics(outputs: list[str], tasks: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of each score over the tasks, and task_score: the mean of the score each task names as its metric."""
-    return {name: sum(values) / len(values) for name, values in task_items(outputs, tasks).items()}
+    return means(task_items(outputs, tasks))
 
 
 def by_metric(outputs: list[str], reference: list[str], tasks: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

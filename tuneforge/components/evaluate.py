@@ -162,8 +162,9 @@ def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config,
     if data["tasks"]:
         prompts = [t["prompt"] for t in data["tasks"]]
         outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.generation_batch_size)
-        items.update(scoring.task_items(outputs, data["tasks"]))
-        metrics.update(scoring.task_metrics(outputs, data["tasks"]))
+        scored = scoring.task_items(outputs, data["tasks"])  # each answer scored once, ROUGE-L included
+        items.update(scored)
+        metrics.update(scoring.means(scored))
     if settings.lm_eval.tasks:
         metrics.update(lm_eval_scores(model, tokenizer, settings.lm_eval))
     return metrics, items, outputs
