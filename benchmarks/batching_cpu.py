@@ -1,12 +1,13 @@
 """How to batch rows of different lengths on the CPU: a bare LoRA training loop (SmolLM2-135M-Instruct, r=16 on
 all linear layers, bf16 autocast, batches of 8) over the same 64 random rows whose lengths are log-normal (median
-110 tokens, 20 to 300), batched four ways. What sft.batching: auto picks on the CPU comes from this.
+110 tokens, 20 to 300), batched five ways. What sft.batching: auto picks on the CPU comes from this.
 
-    python benchmarks/batching_cpu.py [random:eager grouped:eager grouped:sdpa free:eager free:sdpa]
+    python benchmarks/batching_cpu.py [random:eager grouped:eager grouped:sdpa free:eager free:sdpa free:rowwise]
 
 random: padded batches in the rows' order; grouped: padded batches of rows sorted by length; free: each batch's
 rows in one padding-free row with per-row position ids (transformers builds the block-diagonal mask from them
-on eager and SDPA attention). Prints trained tokens per second after one warm-up step.
+on eager and SDPA attention; tuneforge's rowwise attention takes each row alone). Prints trained tokens per second
+after one warm-up step.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
 
     from tuneforge.config import BaseModelSettings
     from tuneforge.models import resolve
+    from tuneforge.training import use_rowwise_attention
 
     path = resolve(BaseModelSettings(source="smollm2-135m-instruct"))
     generator = torch.Generator().manual_seed(0)
@@ -52,9 +54,13 @@ def main() -> None:
                for _ in range(ROWS)]
     rows = [torch.randint(3, 40000, (n,), generator=generator) for n in lengths]
     print(f"{ROWS} rows: mean {sum(lengths) / ROWS:.0f} tokens, longest {max(lengths)}")
-    for choice in sys.argv[1:] or ["random:eager", "grouped:eager", "grouped:sdpa", "free:eager", "free:sdpa"]:
+    for choice in sys.argv[1:] or ["random:eager", "grouped:eager", "grouped:sdpa", "free:eager", "free:sdpa",
+                                   "free:rowwise"]:
         kind, attention = choice.split(":")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     attn_implementation="eager" if attention == "rowwise" else attention)
+        if attention == "rowwise":
+            use_rowwise_attention(model)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -368,9 +368,9 @@ def test_sft_and_dpo_train_without_an_eval_split(tmp_path):
 
 
 def test_batching_on_rows_of_varied_length(tmp_path):
-    """160 rows of 1 to 60 words: on the CPU auto batches rows of similar length (far less padding than padded batches);
-    padding-free batches have none and train exactly like padded ones (same rows per step: same losses); DPO computes
-    each prompt once, with the same losses as TRL's two rows."""
+    """160 rows of 1 to 60 words: on the CPU auto makes padding-free batches under rowwise attention (no padding) that
+    train exactly like padded ones (same rows per step: same losses); grouped batches have far less padding than padded
+    ones; DPO computes each prompt once, with the same losses as TRL's two rows."""
     words = [1 + (i * 37) % 60 for i in range(160)]  # enough rows for the sampler to sort groups of 40
     sft_rows = [{"instruction": f"Repeat the words of line {i}.", "input": " ".join(["word"] * n),
                  "output": " ".join(["word"] * n)} for i, n in enumerate(words)]
@@ -393,12 +393,13 @@ def test_batching_on_rows_of_varied_length(tmp_path):
         return {"lineage": manifest["lineage"], "metrics": manifest["metrics"], "output": output,
                 "losses": [e["loss"] for e in history if "loss" in e]}
 
-    auto, padded, free = stage("sft"), stage("sft", "sft.batching=padded"), stage("sft", "sft.batching=padding_free")
-    assert auto["lineage"]["batching"] == "grouped" and "eager attention" in auto["lineage"]["batching_reason"]
-    assert padded["lineage"]["batching"] == "padded" and free["lineage"]["batching"] == "padding_free"
-    assert padded["metrics"]["padding_share"] > 0.3 and auto["metrics"]["padding_share"] < padded["metrics"]["padding_share"] / 2
-    assert free["metrics"]["padding_share"] == 0
-    assert len(free["losses"]) == 4 and free["losses"] == pytest.approx(padded["losses"], abs=1e-4)
+    auto, padded, grouped = stage("sft"), stage("sft", "sft.batching=padded"), stage("sft", "sft.batching=grouped")
+    assert (auto["lineage"]["batching"], auto["lineage"]["attention"]) == ("padding_free", "tuneforge_rowwise")
+    assert "each row attended alone" in auto["lineage"]["batching_reason"], auto["lineage"]["batching_reason"]
+    assert padded["lineage"]["batching"] == "padded" and grouped["lineage"]["batching"] == "grouped"
+    assert padded["metrics"]["padding_share"] > 0.3 and grouped["metrics"]["padding_share"] < padded["metrics"]["padding_share"] / 2
+    assert auto["metrics"]["padding_share"] == 0
+    assert len(auto["losses"]) == 4 and auto["losses"] == pytest.approx(padded["losses"], abs=1e-4)
 
     sft = ["--input", f"model={padded['output']}"]
     shared, two_rows = stage("dpo", "dpo.batching=padded", inputs=sft), stage(

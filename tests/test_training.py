@@ -136,17 +136,19 @@ def test_the_packing_probe_catches_attention_that_leaks():
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "rowwise"])
 def test_a_padding_free_batch_trains_like_the_padded_batch(arch, attention):
     """The same rows collated padded and padding-free (TRL's collator, as sft.batching padding_free uses it): equal loss
-    and gradients within 1e-5."""
+    and gradients within 1e-5. rowwise: the padding-free batch under tuneforge's rowwise attention, the padded one under
+    eager; the rows reach past tiny-gemma3's sliding window (64) and rowwise's switch to SDPA (256 tokens)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source=arch)), attn_implementation=attention,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source=arch)), dtype=torch.float32,
+                                                 attn_implementation="eager" if attention == "rowwise" else attention)
     model.train()
     generator = torch.Generator().manual_seed(2)
-    examples = [{"input_ids": torch.randint(3, 400, (n,), generator=generator).tolist()} for n in (31, 6, 17, 11)]
+    lengths = (31, 6, 300, 90, 11) if attention == "rowwise" else (31, 6, 17, 11)
+    examples = [{"input_ids": torch.randint(3, 400, (n,), generator=generator).tolist()} for n in lengths]
     for example in examples:
         example["labels"] = [-100] * 4 + example["input_ids"][4:]
 
@@ -160,6 +162,8 @@ def test_a_padding_free_batch_trains_like_the_padded_batch(arch, attention):
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     padded_loss, padded_grads = loss_and_grads(False)
+    if attention == "rowwise":
+        assert training.use_rowwise_attention(model) == model.config._attn_implementation
     free_loss, free_grads = loss_and_grads(True)
     assert free_loss == pytest.approx(padded_loss, abs=1e-5)
     for a, b in zip(padded_grads, free_grads, strict=True):
@@ -170,21 +174,43 @@ VARIED = [10 + (i * 37) % 200 for i in range(64)]  # random batches of these are
 UNIFORM = [70 + i % 8 for i in range(64)]
 
 
-@pytest.mark.parametrize(("setting", "attention", "lengths", "expected"), [
-    ("auto", "eager", VARIED, "grouped"), ("auto", "sdpa", VARIED, "grouped"), ("auto", "eager", UNIFORM, "padded"),
-    ("padded", "sdpa", VARIED, "padded"), ("grouped", "eager", UNIFORM, "grouped"),
-    ("padding_free", "eager", VARIED, "padding_free"), ("auto", "flash_attention_2", UNIFORM, "padding_free"),
+ROWWISE = training.ROWWISE_ATTENTION
+
+
+@pytest.mark.parametrize(("setting", "attention_setting", "attention", "lengths", "expected", "expected_attention"), [
+    # tuneforge's own CPU attention: padding-free rows under rowwise attention, whatever the lengths
+    ("auto", "auto", "eager", VARIED, "padding_free", ROWWISE), ("auto", "auto", "sdpa", UNIFORM, "padding_free", ROWWISE),
+    ("padding_free", "auto", "eager", VARIED, "padding_free", ROWWISE),
+    # an attention set in the config is kept: grouped where random batches would pad much
+    ("auto", "eager", "eager", VARIED, "grouped", "eager"), ("auto", "sdpa", "sdpa", VARIED, "grouped", "sdpa"),
+    ("auto", "eager", "eager", UNIFORM, "padded", "eager"), ("padding_free", "eager", "eager", VARIED, "padding_free", "eager"),
+    ("padded", "auto", "sdpa", VARIED, "padded", "sdpa"), ("grouped", "auto", "eager", UNIFORM, "grouped", "eager"),
+    ("auto", "flash_attention_2", "flash_attention_2", UNIFORM, "padding_free", "flash_attention_2"),
 ])
-def test_batching_choice(setting, attention, lengths, expected):
+def test_batching_choice(setting, attention_setting, attention, lengths, expected, expected_attention):
     model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), attn_implementation="eager")
-    settings = SftSettings(batching=setting, batch_size=8)
-    choice, reason = training.choose_batching(settings, model, attention, lengths)
-    assert choice == expected and reason
+    settings = SftSettings(batching=setting, batch_size=8, attention=attention_setting)
+    choice, reason, chosen_attention = training.choose_batching(settings, model, attention, lengths)
+    assert (choice, chosen_attention) == (expected, expected_attention) and reason
+    assert model.config._attn_implementation == (ROWWISE if expected_attention == ROWWISE else "eager")
     assert training.choose_batching(settings, model, attention, lengths, packing=True)[0] == "packed"
     if setting == "auto":  # a trainer without padding-free batches (DPO) groups by the padding alone
-        assert training.choose_batching(settings, model, attention, lengths, padding_free=False)[0] == (
-            "grouped" if lengths is VARIED else "padded")
+        assert training.choose_batching(settings, model, attention, lengths, padding_free=False)[:3:2] == (
+            "grouped" if lengths is VARIED else "padded", attention)
     assert training.random_batch_padding(VARIED, 8) > 0.3 > 0.05 > training.random_batch_padding(UNIFORM, 8)
+
+
+def test_rowwise_attention_is_not_used_where_it_differs_from_the_models():
+    """gpt-oss's attention has sinks (a learned extra logit per head) that rowwise attention does not compute: the
+    probe sees it, and the rows are grouped, on the model's own attention, saying why."""
+    from transformers import GptOssConfig
+
+    config = GptOssConfig(vocab_size=500, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    choice, reason, attention = training.choose_batching(SftSettings(batch_size=8), model, "eager", VARIED)
+    assert (choice, attention, model.config._attn_implementation) == ("grouped", "eager", "eager")
+    assert "rowwise attention differs from this model's eager attention (inf)" in reason
 
 
 def test_padding_free_is_refused_where_the_rows_would_see_each_other():
@@ -192,7 +218,7 @@ def test_padding_free_is_refused_where_the_rows_would_see_each_other():
     original = model.forward
     model.forward = lambda *args, **kwargs: original(*args, **{**kwargs, "use_cache": True})  # leaks, as in the probe test
     with pytest.raises(SetupError, match="batching: grouped"):
-        training.choose_batching(SftSettings(batching="padding_free"), model, "eager", VARIED)
+        training.choose_batching(SftSettings(batching="padding_free", attention="eager"), model, "eager", VARIED)
     assert training.choose_batching(SftSettings(batching="auto"), model, "flash_attention_2", VARIED)[0] == "grouped"
 
 

@@ -152,10 +152,11 @@ class TrainSettings(Strict):
         "auto", description="How rows make a batch. padded: in random order, each padded to the batch's longest; "
         "grouped: rows of similar length together (transformers' length-grouped sampler), little padding left; "
         "padding_free (sft): the batch's rows in one sequence with per-row position ids, no padding at all, for an "
-        "attention that keeps them apart (checked first); auto: padding_free with flash attention (sft), else grouped "
-        "where random batches would be 10% padding or more and padded below that (on eager or SDPA attention a "
-        "padding-free row attends over the whole batch's length). The choice and the padding share are recorded in "
-        "the manifest."
+        "attention that keeps them apart (checked first); auto: padding_free (sft) with flash attention, and on the "
+        "CPU with rowwise attention (each row attended alone; used where it gives the model's own logits, checked "
+        "first, and the attention is auto), else grouped where random batches would be 10% padding or more and padded "
+        "below that (on eager or SDPA attention a padding-free row attends over the whole batch's length). The choice "
+        "and the padding share are recorded in the manifest."
     )
     logging_steps: int = Field(5, gt=0, description="Log the training loss every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null: once per epoch.")

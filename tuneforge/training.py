@@ -131,6 +131,50 @@ def choose_attention(model, settings: TrainSettings, longest_row: int) -> str:
     return choice
 
 
+# Padding-free rows on the CPU: transformers' eager and SDPA attention keep a batch's rows apart with a mask over the
+# batch's whole length, computing (and discarding) every row's scores against every other row's. This attention takes
+# each row alone (a run of position ids from 0), with eager math up to EAGER_ATTENTION_MAX_TOKENS and SDPA's kernel
+# beyond: no padding and no cross-row work. Registered with transformers' AttentionInterface under this name; the
+# model then builds no mask for it.
+ROWWISE_ATTENTION = "tuneforge_rowwise"
+
+
+def rowwise_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                      dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None,
+                      softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    positions = kwargs.get("position_ids")
+    if query.shape[0] != 1 or positions is None or attention_mask is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("rowwise attention takes one padding-free row of rows with their position ids, without a mask "
+                         "or attention sinks")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    starts = (positions[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        raise ValueError("rowwise attention: the position ids must start each row at 0")
+    outputs = []
+    for start, end in zip(starts, starts[1:] + [query.shape[2]], strict=True):
+        q, k, v, n = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], end - start
+        windowed = sliding_window is not None and n > sliding_window
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        if windowed:
+            allowed = allowed.triu(1 - sliding_window)
+        if n > EAGER_ATTENTION_MAX_TOKENS and softcap is None:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed if windowed else None, is_causal=not windowed,
+                dropout_p=dropout if module.training else 0.0, scale=scaling)
+        else:
+            scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+            out = torch.matmul(weights, v)
+        outputs.append(out)
+    return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+
+
 @contextlib.contextmanager
 def labelled_positions_only() -> Iterator[None]:
     """While training, let TRL's fused LM head project only the positions that have labels, on the CPU too.
@@ -161,23 +205,44 @@ PACKING_TOLERANCE = 1e-3
 
 
 @torch.no_grad()
-def packing_leak(model) -> float:
+def packing_leak(model, rowwise: bool = False) -> float:
     """The largest logit difference between two short examples run packed into one row (as TRL packs them) and run
-    alone; about 1e-6 where the attention keeps them apart."""
+    alone; about 1e-6 where the attention keeps them apart. `rowwise`: the packed row under rowwise attention, the
+    examples alone under the model's own, so it also checks that rowwise attention computes what the model's does
+    (infinite where it cannot run this model's attention)."""
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(3, vocab, (1, n), generator=generator) for n in (9, 6))
     device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own_attention = base.config._attn_implementation
     was_training = model.training
     model.eval()
     try:
         alone = [model(input_ids=x.to(device), use_cache=False).logits[0].float().cpu() for x in (first, second)]
         positions = torch.cat([torch.arange(9), torch.arange(6)])[None].to(device)
+        if rowwise:
+            use_rowwise_attention(model)
         packed = model(input_ids=torch.cat([first, second], 1).to(device), position_ids=positions,
                        use_cache=False).logits[0].float().cpu()
+    except ValueError as exc:
+        if not rowwise:
+            raise
+        log.info("rowwise attention cannot run this model's attention: %s", exc)
+        return float("inf")
     finally:
+        base.set_attn_implementation(own_attention)
         model.train(was_training)
     return max((packed[:9] - alone[0]).abs().max().item(), (packed[9:] - alone[1]).abs().max().item())
+
+
+def use_rowwise_attention(model) -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ROWWISE_ATTENTION, rowwise_attention)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(ROWWISE_ATTENTION)
+    return ROWWISE_ATTENTION
 
 
 # Below this share of padding in random batches, grouping rows by length saves little and costs the batches'
@@ -197,33 +262,43 @@ def random_batch_padding(lengths: list[int], batch_size: int, seed: int = 0) -> 
 
 
 def choose_batching(settings: TrainSettings, model, attention: str, lengths: list[int], packing: bool = False,
-                    can_probe: bool = True, padding_free: bool = True) -> tuple[str, str]:
+                    can_probe: bool = True, padding_free: bool = True) -> tuple[str, str, str]:
     """How rows make a batch (`settings.batching`) and why. Padding-free rows need an attention that keeps a batch's
     rows apart by their position ids: probed like packing (not for a 4-bit model on the CPU, see _check_packing in
     sft), refused when asked for and it leaks. `lengths`: the training rows' lengths, as batched; `padding_free`:
-    whether the trainer has padding-free batches at all (TRL's DPOTrainer has not)."""
+    whether the trainer has padding-free batches at all (TRL's DPOTrainer has not). The attention the batches get is
+    the third value: rowwise for padding-free rows on the CPU where it computes what the model's attention does."""
     choice = settings.batching
     if packing:
-        return "packed", "sft.packing: rows packed into full sequences"
+        return "packed", "sft.packing: rows packed into full sequences", attention
     if choice in ("padded", "grouped"):
-        return choice, "set in the config"
+        return choice, "set in the config", attention
+    rowwise_leak = None
+    if (padding_free and can_probe and choice in ("auto", "padding_free") and settings.attention == "auto"
+            and attention in ("eager", "sdpa")):  # tuneforge's own choice on the CPU
+        rowwise_leak = packing_leak(model, rowwise=True)
+        if rowwise_leak <= PACKING_TOLERANCE:
+            return ("padding_free", "no padding, random batches: each row attended alone (rowwise attention, the "
+                    f"same logits as {attention} attention within {rowwise_leak:.2g})", use_rowwise_attention(model))
     if choice == "auto" and (not padding_free or not attention.startswith("flash_attention")):
         padding = random_batch_padding(lengths, settings.batch_size, settings.seed)
+        unavailable = ("" if rowwise_leak is None else
+                       f"; rowwise attention differs from this model's {attention} attention ({rowwise_leak:.3g})")
         if padding < GROUPING_MIN_PADDING:
             return "padded", (f"rows of nearly one length: random batches are {padding:.0%} padding "
-                              f"(grouping them by length pays from {GROUPING_MIN_PADDING:.0%})")
+                              f"(grouping them by length pays from {GROUPING_MIN_PADDING:.0%}){unavailable}"), attention
         if not padding_free:
-            return "grouped", f"random batches would be {padding:.0%} padding"
+            return "grouped", f"random batches would be {padding:.0%} padding", attention
         return "grouped", (f"random batches would be {padding:.0%} padding; on {attention} attention a padding-free "
                            "batch attends over its whole length (a mask of its rows' total squared), so rows of "
-                           "similar length are batched together instead")
+                           f"similar length are batched together instead{unavailable}"), attention
     leak = packing_leak(model) if can_probe else 0.0
     if leak > PACKING_TOLERANCE:
         if choice == "padding_free":
             raise SetupError(f"batching padding_free: this model's attention ({attention}) lets a batch's rows attend to "
                              f"each other (logits differ by {leak:.3g} from the rows run alone): set batching: grouped")
-        return "grouped", f"{attention} attention lets padding-free rows see each other (logits differ by {leak:.3g})"
-    return "padding_free", f"{attention} attention keeps a padding-free batch's rows apart (checked, {leak:.2g})"
+        return "grouped", f"{attention} attention lets padding-free rows see each other (logits differ by {leak:.3g})", attention
+    return "padding_free", f"{attention} attention keeps a padding-free batch's rows apart (checked, {leak:.2g})", attention
 
 
 class PaddingCount:

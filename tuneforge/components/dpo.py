@@ -324,7 +324,7 @@ def configure_dpo(trainer, settings, lineage: dict[str, Any], backend: str, max_
 
     batched_lengths = [row_length(*pair) for pair in lengths]
     # TRL's DPO has no padding-free batches: auto groups rows by length where random batches would pad much.
-    batching, lineage["batching_reason"] = training.choose_batching(
+    batching, lineage["batching_reason"], _ = training.choose_batching(
         settings, trainer.model, lineage["attention"], batched_lengths, padding_free=False)
     lineage["batching"] = batching
     log.info("batching: %s (%s)", batching, lineage["batching_reason"])

@@ -111,10 +111,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if settings.method in ("lora", "qlora"):
             peft_config = training.lora_config(settings.lora, models.target_modules(model, settings.lora.target_modules))
         attention = training.choose_attention(model, settings, longest)
-    batching, batching_reason = training.choose_batching(settings, model, attention, [len(r) for r in train["input_ids"]],
-                                                         settings.packing, can_probe=not on_cpu_qlora)
-    if batching == "padding_free" and settings.attention == "auto" and attention in ("eager", "sdpa"):
-        attention = training.choose_attention(model, settings, longest * settings.batch_size)  # one row per batch
+    batching, batching_reason, attention = training.choose_batching(
+        settings, model, attention, [len(r) for r in train["input_ids"]], settings.packing, can_probe=not on_cpu_qlora)
     log.info("batching: %s (%s)", batching, batching_reason)
 
     args = SFTConfig(
@@ -183,7 +181,7 @@ def train_classifier(config: Config, inputs: dict[str, Path], output: Path) -> d
                                            task_type="SEQ_CLS")  # peft trains and saves the head in full
     lengths = [len(ids) for ids in train["input_ids"]]
     attention = training.choose_attention(model, settings, max(lengths))
-    batching, batching_reason = training.choose_batching(settings, model, attention, lengths, padding_free=False)
+    batching, batching_reason, _ = training.choose_batching(settings, model, attention, lengths, padding_free=False)
     log.info("batching: %s (%s)", batching, batching_reason)
 
     patience = config.early_stopping_patience
