@@ -150,6 +150,8 @@ def test_sft_methods_then_merge(prepared, tmp_path, sft_settings, check):
     assert manifest["lineage"]["kind"] == "adapter" and manifest["metrics"]["steps"] == 4
     # backend: auto (the default) reports what it chose and why.
     assert manifest["lineage"]["backend"] == "hf" and "auto: " in manifest["lineage"]["backend_reason"]
+    if sft_settings.get("packing"):  # on the CPU each packed example is attended alone
+        assert (manifest["lineage"]["batching"], manifest["lineage"]["attention"]) == ("packed", "tuneforge_rowwise")
     assert not (tmp_path / "sft.checkpoints").exists()
     merged = cli("stage", "merge", "--config", config, "--input", f"model={tmp_path / 'sft'}", "--output", tmp_path / "merged")
     assert merged.exit_code == 0, merged.stderr or merged.exception

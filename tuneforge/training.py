@@ -269,17 +269,21 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     whether the trainer has padding-free batches at all (TRL's DPOTrainer has not). The attention the batches get is
     the third value: rowwise for padding-free rows on the CPU where it computes what the model's attention does."""
     choice = settings.batching
-    if packing:
-        return "packed", "sft.packing: rows packed into full sequences", attention
-    if choice in ("padded", "grouped"):
+    if choice in ("padded", "grouped") and not packing:
         return choice, "set in the config", attention
     rowwise_leak = None
     if (padding_free and can_probe and choice in ("auto", "padding_free") and settings.attention == "auto"
             and attention in ("eager", "sdpa")):  # tuneforge's own choice on the CPU
         rowwise_leak = packing_leak(model, rowwise=True)
         if rowwise_leak <= PACKING_TOLERANCE:
-            return ("padding_free", "no padding, random batches: each row attended alone (rowwise attention, the "
-                    f"same logits as {attention} attention within {rowwise_leak:.2g})", use_rowwise_attention(model))
+            rowwise = f"rowwise attention, the same logits as {attention} attention within {rowwise_leak:.2g}"
+            if packing:
+                return "packed", f"sft.packing: rows packed into full sequences, each attended alone ({rowwise})", \
+                    use_rowwise_attention(model)
+            return ("padding_free", f"no padding, random batches: each row attended alone ({rowwise})",
+                    use_rowwise_attention(model))
+    if packing:
+        return "packed", "sft.packing: rows packed into full sequences", attention
     if choice == "auto" and (not padding_free or not attention.startswith("flash_attention")):
         padding = random_batch_padding(lengths, settings.batch_size, settings.seed)
         unavailable = ("" if rowwise_leak is None else
