@@ -59,6 +59,17 @@ def test_metrics_accuracy_macro_f1_and_confusion():
     assert found["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
 
 
+def test_a_classifier_that_answers_one_label_goes_no_further_whatever_its_accuracy():
+    """On 90/10 held-out rows a model that always answers the majority label scores accuracy 0.9, above an untrained
+    head; evaluate's gate stops it by what it answered, not by its score."""
+    from tuneforge.components.evaluate import only_label
+
+    truth = [0] * 36 + [1] * 4
+    constant = classification.metrics([0] * 40, truth, 2)
+    assert constant["accuracy"] == 0.9 and only_label(constant["confusion"], ["neg", "pos"]) == "neg"
+    assert only_label(classification.metrics([0] * 39 + [1], truth, 2)["confusion"], ["neg", "pos"]) is None
+
+
 def test_label_names_and_indices():
     assert classification.label_names([2, "10", 1], None) == ["1", "2", "10"]  # integers sort as numbers
     assert classification.label_names(["b", "a", "b"], None) == ["a", "b"]

@@ -3,6 +3,7 @@
 import pytest
 
 from tuneforge.chat_templates import CHATML
+from tuneforge.data import prepared
 from tuneforge.data.formats import Row, RowError, detect_format, eval_task, normalize
 from tuneforge.data.render import Renderer, _mask, tokenize_with_masks
 from tuneforge.errors import DataError
@@ -65,6 +66,10 @@ def test_preference_rows_take_the_prompt_from_shared_turns():
     ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages", "messages[0].role: 'robot'"),
     ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "preference", "identical"),
     (["not", "an", "object"], "text", "expected an object"),
+    # a ShareGPT export that marks an answer not to train on: refused, not trained on without a word
+    ({"conversations": [{"from": "human", "value": "Hi", "weight": 0}, {"from": "gpt", "value": "Bad", "weight": 0},
+                        {"from": "human", "value": "Again"}, {"from": "gpt", "value": "Good", "weight": 1}]},
+     "sharegpt", "conversations[1].weight is 0"),
 ])
 def test_bad_rows_say_why(record, fmt, reason):
     with pytest.raises(RowError, match=reason.replace("[", r"\[").replace("]", r"\]")):
@@ -104,3 +109,12 @@ def test_raw_text_is_learned_whole_with_its_end_token(tokenizer):
     text, spans = Renderer(tokenizer, CHATML, None).sft(Row("f:1", "sft", text="plain words"))
     (ids,), (mask,) = tokenize_with_masks(tokenizer, [text], [spans])
     assert text == "plain words<|im_end|>" and all(mask)
+
+
+def test_max_examples_scores_a_spread_of_the_held_out_rows_not_the_first():
+    """An eval file sorted by label (IMDB's test split: the negatives, then the positives) is scored on both labels, the
+    same rows every time; a file within the cap is scored whole."""
+    picked = prepared.sample(400, 200, "rows")
+    assert picked == prepared.sample(400, 200, "rows") and picked == sorted(set(picked)) and len(picked) == 200
+    assert 80 <= sum(i < 200 for i in picked) <= 120
+    assert prepared.sample(30, 200, "rows") == list(range(30))

@@ -162,6 +162,15 @@ def test_too_long_rows_are_dropped_and_counted(tmp_path):
     result, out = run_prep(tmp_path, [write_jsonl(tmp_path / "in.jsonl", rows)], data={"max_length": 64})
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "data_report.json").read_text())["dropped"] == {"too_long": 1}
+    # Most of a source over the limit (a limit set for other data): refused, rather than training on what is left.
+    long_path = write_jsonl(tmp_path / "long.jsonl", alpaca_rows(3) + [{"instruction": f"Short {i}.", "output": "word " * 100}
+                                                                      for i in range(4)])
+    (tmp_path / "long").mkdir()
+    result, out = run_prep(tmp_path / "long", [long_path], data={"max_length": 64})
+    assert result.exit_code == 2
+    assert (f"{long_path}: 4 of its 7 rows are longer than data.max_length=64 tokens and are dropped whole: raise "
+            "data.max_length") in " ".join(result.stderr.split())
+    assert_no_output(out)
 
 
 def test_rows_past_the_model_context_are_refused_with_the_length_to_set(tmp_path):

@@ -155,6 +155,19 @@ def test_grpo_takes_dpos_place_after_sft(tmp_path):
     assert conditions == [f"!({winner} == 'sft') && {winner} == 'grpo'", f"{winner} == 'sft'"]
 
 
+def test_after_a_full_sft_the_sft_model_is_scored_against_dpos_too(tmp_path):
+    """DPO on a full SFT model merges onto that model; the SFT model itself is re-saved by merge-sft and scored, so a
+    DPO that made it worse is not the candidate."""
+    out = tmp_path / "pipeline.yaml"
+    result = cli("compile", EXAMPLES / "quickstart.yaml", "-o", out, "--set", "sft.method=full")
+    assert result.exit_code == 0, result.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    stages = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert stages["merge"]["inputs"]["artifacts"]["base"]["taskOutputArtifact"]["producerTask"] == "sft"
+    assert stages["merge-sft"]["inputs"]["artifacts"]["adapter"]["taskOutputArtifact"]["producerTask"] == "sft"
+    assert stages["evaluate"]["inputs"]["artifacts"]["sft_merged"]["taskOutputArtifact"]["producerTask"] == "merge-sft"
+
+
 def test_without_sft_a_reference_free_method_starts_the_training(tmp_path):
     out = tmp_path / "pipeline.yaml"
     result = cli("compile", EXAMPLES / "quickstart.yaml", "-o", out, "--set", "sft.enabled=false",

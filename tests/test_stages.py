@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from tuneforge import models, training
 from tuneforge.chat_templates import CHATML
-from tuneforge.config import BaseModelSettings
+from tuneforge.config import BaseModelSettings, load_config
+from tuneforge.pipelines import pipeline
 
 
 def tuneforge(*args, **kwargs):
@@ -460,6 +461,26 @@ def test_failed_pipeline_reports_the_stage_and_exits_non_zero(tmp_path):
     assert "sft" not in summary["stages"]
     run = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
     assert run.info.status == "FAILED"  # the exit handler marked the pipeline's MLflow run
+
+
+def test_a_candidate_that_does_not_beat_the_base_says_why_nothing_is_registered(tmp_path):
+    """SFT at a learning rate too small to matter: evaluate's gate against the base model fails, export and register
+    are skipped, and the summary and the console say why instead of leaving register out without a word."""
+    config = make_config(tmp_path, [write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(24))],
+                         sft={"learning_rate": 1e-12, "max_steps": 2}, export={"enabled": False})
+    result = tuneforge("run", config, "--pipeline-root", tmp_path / "kfp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded" and "register" not in summary["stages"] and "registered_model" not in summary
+    assert summary["not_registered"].startswith("the candidate does not beat the base model: eval_loss "), summary
+    assert summary["skipped"] == {"register": summary["not_registered"]}
+    assert re.search(r"register +skipped +the candidate does not beat the base model", result.stderr), result.stderr
+
+    # A task that fails after its stage wrote the output (kfp.local records success in executor_output.json) is a
+    # failed stage and a failed run, not a finished one.
+    (Path(summary["run_folder"]) / "evaluate" / "executor_output.json").unlink()
+    again = pipeline.summarize(load_config(config), Path(summary["run_folder"]))
+    assert again["status"] == "failed" and again["stages"]["evaluate"]["status"] == "failed"
 
 
 def kill_and_resume(args, output, save_steps, kill_after):

@@ -363,7 +363,9 @@ class LmEvalSettings(Strict):
 
 class EvaluateSettings(Strict):
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit for the eval tasks.")
-    max_examples: int = Field(200, gt=0, description="Cap on held-out rows scored per metric.")
+    max_examples: int = Field(200, gt=0, description="Cap on held-out rows (pairs, tasks) scored per metric: beyond it "
+                              "a fixed random sample of that many, the same in evaluate and serve-check (not the first "
+                              "ones: a file sorted by label would be scored on one label).")
     samples: int = Field(8, ge=0, description="Sample generations shown side by side in the report.")
     batch_size: int = Field(8, gt=0, description="Rows per forward pass (held-out loss, preference accuracy).")
     generation_batch_size: int = Field(
@@ -530,8 +532,9 @@ NO_GGUF_FOR_CLASSIFIERS = ("task classification: llama.cpp and Ollama run genera
 class RegistrySettings(Strict):
     enabled: bool = Field(True, description="Register the candidate in the MLflow Model Registry.")
     model_name: str | None = Field(None, description="Registered model name; null: the run name.")
-    primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion (task "
-                                "classification: accuracy unless set; also macro_f1 or eval_loss).")
+    primary_metric: str = Field("task_score", description="Evaluation metric that decides promotion (without "
+                                "data.eval_tasks: eval_loss unless set; task classification: accuracy unless set, also "
+                                "macro_f1 or eval_loss).")
     min_improvement: float = Field(0.0, ge=0, description="How much the candidate must beat base and champion by.")
     confidence: float = Field(
         0.95, ge=0, lt=1, description="A win must be larger than the noise of the eval split: the gain's confidence "
@@ -645,6 +648,12 @@ class Config(Strict):
             raise ValueError("sft.precision: fp16 with qlora is unstable; use bf16 or auto")
         if self.task == "classification":
             self._check_classification()
+        elif not self.data.eval_tasks and self.registry.primary_metric.startswith("task_"):
+            if "primary_metric" in self.registry.model_fields_set:
+                raise ValueError(f"registry.primary_metric {self.registry.primary_metric!r} scores the answers to "
+                                 "data.eval_tasks, and there are none: set data.eval_tasks to a file of tasks, or "
+                                 "registry.primary_metric: eval_loss")
+            self.registry.primary_metric = "eval_loss"  # what held-out rows give without eval tasks
         if self.dpo.enabled and self.grpo.enabled:
             raise ValueError("dpo.enabled and grpo.enabled: a pipeline runs one of them after sft; run GRPO in a second "
                              "pipeline whose base_model is the first one's merged model")

@@ -156,6 +156,24 @@ def mix(rows: list[Row], data: DataSettings, sources: dict[str, dict[str, Any]])
     return [r for r in rows if id(r) in kept]
 
 
+# Rows over data.max_length are dropped whole. A few are expected; most of a source is a limit set for other data
+# (long documents, multi-turn conversations) and would train on what is left without a word.
+TOO_LONG_WARN, TOO_LONG_FAIL = 0.1, 0.5
+
+
+def check_too_long(sources: dict[str, dict[str, Any]], max_length: int) -> None:
+    for path, counts in sources.items():
+        too_long = counts["dropped"]["too_long"]
+        total = counts["rows_read"]
+        if not total or too_long / total <= TOO_LONG_WARN:
+            continue
+        message = (f"{path}: {too_long} of its {total} rows are longer than data.max_length={max_length} tokens and "
+                   "are dropped whole")
+        if too_long / total > TOO_LONG_FAIL:
+            raise DataError(f"{message}: raise data.max_length (within the model's context) or shorten the rows")
+        log.warning(message)
+
+
 def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
     """(train, held out): the rows of split: eval sources are held out, and a seeded share of the others."""
     fixed = [r for r in rows if r["held_out"]]
@@ -271,6 +289,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     for kind, found_rows in kept.items():
         for r in found_rows:
             sources[r["source"]]["kept"][kind] += 1
+    check_too_long(sources, data.max_length)
     splits = {kind: split(found_rows, data.eval_fraction, data.seed) for kind, found_rows in kept.items()}
     held_out_prompts = {r["prompt_key"] for _, held in splits.values() for r in held if r["prompt_key"]}
     held_out_prompts |= {normalised(" ".join(m["content"] for m in t["messages"] if m["role"] == "user")) for t in eval_tasks}
@@ -312,7 +331,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
                         f"{len(lengths)} over), longer than base_model.source {config.base_model.source!r} was trained "
                         f"for ({context} tokens, its max_position_embeddings): set data.max_length: {context} (longer "
                         "rows are then dropped), or use a model with a longer context")
-    if config.sft.loss_on == "assistant" and all(all(r["assistant_masks"]) for r in kept["sft"]):
+    if config.sft.loss_on == "assistant" and kept["sft"] and all(all(r["assistant_masks"]) for r in kept["sft"]):
         log.warning("every SFT row is raw text: loss_on=assistant has no prompt to mask")
 
     tokenized_at = time.perf_counter()

@@ -175,7 +175,24 @@ def load_heldout(data_dir: Path, config: Config) -> dict[str, Any]:
     sft = prepared.sft_split(data_dir, "eval", config.sft.loss_on)
     pairs = prepared.read_jsonl(data_dir / "preference_eval.jsonl")
     tasks = prepared.read_jsonl(data_dir / "eval_tasks.jsonl")
-    return {"sft": sft.select(range(min(limit, len(sft)))).to_list(), "pairs": pairs[:limit], "tasks": tasks[:limit]}
+    return {"sft": sft.select(prepared.sample(len(sft), limit, "rows")).to_list(),
+            "pairs": [pairs[i] for i in prepared.sample(len(pairs), limit, "pairs")],
+            "tasks": [tasks[i] for i in prepared.sample(len(tasks), limit, "eval tasks")]}
+
+
+def beats_base(results: dict[str, Any], config: Config) -> dict[str, Any]:
+    """Whether the candidate goes on to export and registration: the registry's gate against the base model alone
+    (the champion is decided on at register), with its reasons, which the run summary shows when it does not."""
+    passed, reasons = registry.gate(results["candidate"], results["base"], None, config.registry,
+                                    noise=results.get("noise"))
+    return {"passed": passed, "reasons": [r for r in reasons if r != "no current champion"]}
+
+
+def only_label(confusion: list[list[int]], labels: list[str]) -> str | None:
+    """The label a classifier gave every row, where it gave one label only (confusion[true][predicted]); on imbalanced
+    data such a classifier scores the majority label's share and can look better than an untrained head."""
+    predicted = [label for j, label in enumerate(labels) if any(row[j] for row in confusion)]
+    return predicted[0] if len(predicted) == 1 and len(labels) > 1 else None
 
 
 def check_answer_room(tasks: list[dict[str, Any]], tokenizer, config: Config, data_dir: Path) -> None:
@@ -247,6 +264,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
     results["noise"] = {reference: registry.paired_noise(items["candidate"], items[reference])
                         for reference in ("base", "champion") if reference in items}
+    results["beats_base"] = beats_base(results, config)
     models_scored = tuple(scored)
 
     histories = {k: Path(inputs[k]) / "train_history.json" for k in ("sft", "dpo", "grpo") if k in inputs}
@@ -286,7 +304,7 @@ def evaluate_classifier(config: Config, inputs: dict[str, Path], output: Path, d
         raise SetupError(f"{model_dir} classifies into {labels}, {data_dir} holds the labels "
                          f"{data_manifest['lineage'].get('labels')}; evaluate the model with the data it was trained on")
     heldout = prepared.classification_split(data_dir, "eval")
-    rows = heldout.select(range(min(config.evaluate.max_examples, len(heldout)))).to_list()
+    rows = heldout.select(prepared.sample(len(heldout), config.evaluate.max_examples, "rows")).to_list()
     if not rows:
         raise SetupError(f"{data_dir}: no held-out classification rows to evaluate (data.eval_fraction above 0, or a "
                          "source with split: eval)")
@@ -318,6 +336,13 @@ def evaluate_classifier(config: Config, inputs: dict[str, Path], output: Path, d
     results.update(trained_by="sft", labels=labels, heldout_rows=len(rows), label_counts=dict(zip(labels, counts, strict=True)),
                    majority_accuracy=max(counts) / len(rows), confusion=confusions, f1_per_label=per_label)
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
+    results["beats_base"] = beats_base(results, config)
+    constant = only_label(confusions["candidate"], labels)
+    if constant is not None:
+        results["beats_base"] = {"passed": False, "reasons": [
+            f"the candidate answers {constant} for every one of the {len(rows)} held-out rows (accuracy "
+            f"{results['candidate']['accuracy']:.3f}, the majority label's share {results['majority_accuracy']:.3f}): "
+            "it has not learned the labels; more steps, a higher sft.learning_rate or balanced data may help"]}
     history_file = Path(inputs["sft"]) / "train_history.json" if "sft" in inputs else None
     histories = {"sft": json.loads(history_file.read_text())} if history_file and history_file.exists() else {}
     trained = {"sft": storage.read_manifest(Path(inputs["sft"]), "sft")} if "sft" in inputs else {}

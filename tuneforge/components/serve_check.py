@@ -91,7 +91,8 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     data_dir, gguf_dir, evaluation_dir = Path(inputs["data"]), Path(inputs["gguf"]), Path(inputs["evaluation"])
     export = storage.read_manifest(gguf_dir, "export-gguf")
     evaluation = storage.read_manifest(evaluation_dir, "evaluate")
-    tasks = prepared.read_jsonl(data_dir / "eval_tasks.jsonl")[: config.evaluate.max_examples]
+    tasks = prepared.read_jsonl(data_dir / "eval_tasks.jsonl")
+    tasks = [tasks[i] for i in prepared.sample(len(tasks), config.evaluate.max_examples, "eval tasks")]
     if not tasks:
         raise SetupError(f"{data_dir}: no eval tasks to serve (set data.eval_tasks, or serve_check.enabled: false)")
     merged = prepared.read_jsonl(evaluation_dir / "answers.jsonl")

@@ -162,6 +162,9 @@ def _messages(value: Any, key: str, sharegpt: bool = False) -> list[dict[str, st
             raise RowError(f"{key}[{i}].{role_key}: {role!r} is not one of {', '.join(names)}")
         if not isinstance(content, str):
             raise RowError(f"{key}[{i}].{content_key} must be a string, got {type(content).__name__}")
+        if names[role] == "assistant" and turn.get("weight") == 0:
+            raise RowError(f"{key}[{i}].weight is 0, an answer not to train on, and every assistant turn of a "
+                           "conversation is trained on; drop these rows (data.on_error: skip) or the turns after it")
         turns.append({"role": names[role], "content": content})
     return turns
 

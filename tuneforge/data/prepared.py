@@ -10,11 +10,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 SFT_SCHEMA = pa.schema(
     [
@@ -24,6 +28,16 @@ SFT_SCHEMA = pa.schema(
         ("assistant_masks", pa.list_(pa.int8())),
     ]
 )
+
+
+def sample(count: int, limit: int, what: str) -> list[int]:
+    """Which of `count` held-out items evaluate.max_examples lets evaluate and serve-check score: all of them, or the
+    same fixed random `limit` of them in file order. The first `limit` would score a file sorted by label, or the
+    random share of the split without the curated rows data-prep puts after it, as if it were the whole."""
+    if count <= limit:
+        return list(range(count))
+    log.warning("evaluate.max_examples is %d: scoring a fixed random %d of the %d held-out %s", limit, limit, count, what)
+    return sorted(random.Random(0).sample(range(count), limit))
 
 
 CLASSIFICATION_SCHEMA = pa.schema([("text", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label", pa.int32())])

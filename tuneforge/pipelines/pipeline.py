@@ -177,7 +177,7 @@ def build(config: Config, local: bool = False):
                     adapter = inputs[f"{after_sft}_model"] = tuned_after.outputs["model"]
                     if sft_model and config.sft.method == "full":  # the adapter was trained on the full SFT model
                         merge_args["base"] = sft_model
-                    elif sft_model:  # both are scored and the better one goes on; a full SFT model needs no merge
+                    if sft_model:  # both are scored and the better one goes on (a full SFT model is only re-saved)
                         merged_sft = stage("merge", c.merge_sft, adapter=sft_model)
                         inputs["sft_merged"] = merged_sft.outputs["model"]
                         candidates["sft_candidate"] = merged_sft.outputs["Output"]
@@ -315,13 +315,14 @@ def _outputs(config: Config, run_folder: Path) -> dict[str, tuple[Path | None, s
     for task, spec in TASKS:
         here = _task_folder(run_folder, task, spec.output)
         if here is not None:
-            complete = (here / "manifest.json").exists()
+            # A task can fail after its stage wrote the output (kfp.local writes executor_output.json on success only).
+            complete = (here / "manifest.json").exists() and (here.parent / "executor_output.json").exists()
             found[task] = (here, "succeeded") if complete else (None, "failed")
             known |= {str(here)} if complete else set()
             continue
         view_hash = config.view(spec.name).hash()
         for folder in (f for f in (_task_folder(r, task, spec.output) for r in earlier) if f is not None):
-            if not (folder / "manifest.json").exists():
+            if not ((folder / "manifest.json").exists() and (folder.parent / "executor_output.json").exists()):
                 continue
             lineage = json.loads((folder / "manifest.json").read_text())["lineage"]
             inputs = set(lineage.get("inputs", {}).values())
@@ -386,8 +387,18 @@ def summarize(config: Config, run_folder: Path) -> dict[str, Any]:
                                   "tokens_per_second": round(r["tokens_per_second"], 1),
                                   "agreement": {m: round(c["agreement"], 4) for m, c in r["by_metric"].items()}}
                               for t, r in served.items()}
+    skipped: dict[str, str] = {}
     if config.task == "classification" and config.export.enabled:
-        summary["skipped"] = {"export-gguf": NO_GGUF_FOR_CLASSIFIERS, "serve-check": "no GGUF files to serve"}
+        skipped = {"export-gguf": NO_GGUF_FOR_CLASSIFIERS, "serve-check": "no GGUF files to serve"}
+    beats = results.get("beats_base") if "evaluate" in outputs else None
+    if beats and not beats["passed"]:
+        why = "the candidate does not beat the base model: " + "; ".join(beats["reasons"])
+        summary["not_registered"] = why
+        following = [s for s, on in (("export-gguf", config.exports_gguf), ("serve-check", serve_checked(config)),
+                                     ("register", config.registry.enabled)) if on and s not in skipped]
+        skipped.update(dict.fromkeys(following, why))
+    if skipped:
+        summary["skipped"] = skipped
     summary["artifacts"] = {k: str(outputs[k]) for k in ("merge", "evaluate", "export-gguf", "serve-check") if k in outputs}
     return summary
 
