@@ -146,7 +146,8 @@ class TrainSettings(Strict):
         "8-bit and paged optimizers need a CUDA GPU."
     )
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto: eager on the CPU for rows up to 256 tokens, else the model's default."
+        "auto", description="Attention kernel; auto: eager on the CPU for rows up to 256 tokens, else the model's default; "
+        "for padding-free or packed sft batches on the CPU, rowwise (each row attended alone, see batching)."
     )
     batching: Literal["auto", "padded", "grouped", "padding_free"] = Field(
         "auto", description="How rows make a batch. padded: in random order, each padded to the batch's longest; "

@@ -323,7 +323,7 @@ def evaluate_classifier(config: Config, inputs: dict[str, Path], output: Path, d
             else:
                 scored["champion"] = champion_dir
         scored["candidate"] = str(model_dir)
-        confusions, per_label = {}, {}
+        confusions, per_label, items = {}, {}, {}
         for name, path in scored.items():
             log.info("evaluating the %s model", name)
             torch.manual_seed(config.sft.seed)  # the base model's untrained head, the same in every run
@@ -332,10 +332,13 @@ def evaluate_classifier(config: Config, inputs: dict[str, Path], output: Path, d
             del model
             results[name] = {k: found[k] for k in ("accuracy", "macro_f1", "eval_loss")}
             confusions[name], per_label[name] = found["confusion"], dict(zip(labels, found["f1_per_label"], strict=True))
+            items[name] = {"accuracy": [float(p == r["label"]) for p, r in zip(found["predictions"], rows, strict=True)]}
     counts = [sum(r["label"] == i for r in rows) for i in range(len(labels))]
     results.update(trained_by="sft", labels=labels, heldout_rows=len(rows), label_counts=dict(zip(labels, counts, strict=True)),
                    majority_accuracy=max(counts) / len(rows), confusion=confusions, f1_per_label=per_label)
     results["delta"] = {k: results["candidate"][k] - results["base"][k] for k in results["candidate"]}
+    results["noise"] = {reference: registry.paired_noise(items["candidate"], items[reference])
+                        for reference in ("base", "champion") if reference in items}
     results["beats_base"] = beats_base(results, config)
     constant = only_label(confusions["candidate"], labels)
     if constant is not None:
