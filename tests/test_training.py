@@ -178,9 +178,11 @@ ROWWISE = training.ROWWISE_ATTENTION
 
 
 @pytest.mark.parametrize(("setting", "attention_setting", "attention", "lengths", "expected", "expected_attention"), [
-    # tuneforge's own CPU attention: padding-free rows under rowwise attention, whatever the lengths
-    ("auto", "auto", "eager", VARIED, "padding_free", ROWWISE), ("auto", "auto", "sdpa", UNIFORM, "padding_free", ROWWISE),
-    ("padding_free", "auto", "eager", VARIED, "padding_free", ROWWISE),
+    # tuneforge's own CPU attention: padding-free rows under rowwise attention where random batches would pad much
+    ("auto", "auto", "eager", VARIED, "padding_free", ROWWISE), ("auto", "auto", "sdpa", VARIED, "padding_free", ROWWISE),
+    ("padding_free", "auto", "eager", UNIFORM, "padding_free", ROWWISE),
+    # rows of nearly one length: padded batches, attended in one call
+    ("auto", "auto", "eager", UNIFORM, "padded", "eager"),
     # an attention set in the config is kept: grouped where random batches would pad much
     ("auto", "eager", "eager", VARIED, "grouped", "eager"), ("auto", "sdpa", "sdpa", VARIED, "grouped", "sdpa"),
     ("auto", "eager", "eager", UNIFORM, "padded", "eager"), ("padding_free", "eager", "eager", VARIED, "padding_free", "eager"),

@@ -272,7 +272,11 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     if choice in ("padded", "grouped") and not packing:
         return choice, "set in the config", attention
     rowwise_leak = None
-    if (padding_free and can_probe and choice in ("auto", "padding_free") and settings.attention == "auto"
+    padding = random_batch_padding(lengths, settings.batch_size, settings.seed)
+    # On rows of nearly one length, padded batches attend over each batch in one call; attending row by row costs
+    # more than the little padding it saves (the quickstart's sft: about 13% slower row by row, docs/benchmarks.md).
+    worth_it = packing or choice == "padding_free" or padding >= GROUPING_MIN_PADDING
+    if (padding_free and can_probe and worth_it and choice in ("auto", "padding_free") and settings.attention == "auto"
             and attention in ("eager", "sdpa")):  # tuneforge's own choice on the CPU
         rowwise_leak = packing_leak(model, rowwise=True)
         if rowwise_leak <= PACKING_TOLERANCE:
@@ -285,7 +289,6 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     if packing:
         return "packed", "sft.packing: rows packed into full sequences", attention
     if choice == "auto" and (not padding_free or not attention.startswith("flash_attention")):
-        padding = random_batch_padding(lengths, settings.batch_size, settings.seed)
         unavailable = ("" if rowwise_leak is None else
                        f"; rowwise attention differs from this model's {attention} attention ({rowwise_leak:.3g})")
         if padding < GROUPING_MIN_PADDING:
