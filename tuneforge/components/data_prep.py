@@ -289,7 +289,6 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
     for kind, found_rows in kept.items():
         for r in found_rows:
             sources[r["source"]]["kept"][kind] += 1
-    check_too_long(sources, data.max_length)
     splits = {kind: split(found_rows, data.eval_fraction, data.seed) for kind, found_rows in kept.items()}
     held_out_prompts = {r["prompt_key"] for _, held in splits.values() for r in held if r["prompt_key"]}
     held_out_prompts |= {normalised(" ".join(m["content"] for m in t["messages"] if m["role"] == "user")) for t in eval_tasks}
@@ -324,6 +323,7 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         if stats["rows_read"] and not sum(stats["kept"].values()):
             reasons = ", ".join(f"{n} {reason} ({REMEDIES.get(reason, '')})" for reason, n in stats["dropped"].items())
             raise DataError(f"{stats['path']}: every one of its {stats['rows_read']} rows was dropped: {reasons}")
+    check_too_long(sources, data.max_length)
     context = models.context_length(model_config)
     if context and lengths and max(lengths) > context:
         # Positions past the context still compute (rotary embeddings do not stop), so training there fails quietly.
