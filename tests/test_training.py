@@ -309,6 +309,57 @@ def test_batched_answer_log_probabilities_equal_one_at_a_time():
     assert batched == pytest.approx(alone, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_a_prefix_every_row_shares_goes_through_the_model_once_with_the_same_scores_and_answers(arch):
+    """evaluate computes the prefix all rows share (a chat template's system block, a common instruction) once and
+    reuses its cache: the same log-probabilities within 1e-4 and the same greedy answers as whole rows, for fewer
+    positions; the prefix is longer than tiny-gemma3's sliding window (64). Generation pads each row after the prefix,
+    which would take places in a sliding window: there tiny-gemma3's rows are generated whole."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.components import evaluate
+
+    path = resolve(BaseModelSettings(source=arch))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    instruction = "Extract the person's name and the city from the sentence, and answer with JSON only. " * 4
+    prompts = [instruction + s for s in ("Anna lives in Rome.", "Bo met Cy in Oslo on a rainy Monday in May.", "Hi")]
+    answers = ['{"name": "Anna"}', "Hello there, how are you today?", "one"]
+    rows = evaluate.answer_rows(tokenizer, prompts, answers)
+    shared = evaluate.labelled_rows_prefix(rows)
+    assert shared > 64
+    assert evaluate.check_prefix_cache(model, rows[1][0], shared) is None
+    embedded = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: embedded.append(args[0].numel()))
+
+    def scored(share):
+        embedded.clear()
+        return evaluate.answer_logp(model, tokenizer, prompts, answers, batch_size=2, share=share), sum(embedded)
+
+    (whole, whole_positions), (reused, reused_positions) = scored(False), scored(True)
+    assert reused == pytest.approx(whole, abs=1e-4)
+    assert reused_positions < whole_positions - shared
+    stop = [tokenizer.eos_token_id]
+
+    def answered(share):
+        embedded.clear()
+        return evaluate.generate(model, tokenizer, prompts, stop, 12, 2, share=share), sum(embedded)
+
+    (whole, whole_positions), (reused, reused_positions) = answered(False), answered(True)
+    assert reused == whole
+    assert (reused_positions < whole_positions) == (arch == "tiny-llama")
+
+
+def test_a_model_whose_cache_cannot_be_reused_is_scored_whole():
+    """A recurrent model's cache cannot be copied per batch: the check says why, and evaluate scores its rows whole."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from tuneforge.components.evaluate import check_prefix_cache
+
+    model = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=4)).eval()
+    assert "cannot be reused" in check_prefix_cache(model, list(range(3, 20)), 8)
+
+
 def test_heldout_loss_equals_the_cross_entropy_over_full_logits():
     from tuneforge.components.evaluate import heldout_loss
 
@@ -322,6 +373,6 @@ def test_heldout_loss_equals_the_cross_entropy_over_full_logits():
         total = sum(torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1],
                                                       torch.tensor(r["labels"][1:]), reduction="sum").item() for r in rows)
     expected = total / sum(len(r["input_ids"]) - p for r, p in zip(rows, (12, 4, 14), strict=True))
-    metrics, items = heldout_loss(model, rows, pad_id=0, batch_size=3)
+    metrics, items = heldout_loss(model, rows, batch_size=3)
     assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-4)
     assert sum(items) / len(items) == pytest.approx(expected, abs=1e-4)  # each row's share: their mean is the loss

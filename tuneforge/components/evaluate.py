@@ -20,6 +20,7 @@ go into the report.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -45,14 +46,70 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
+def shared_prefix(rows: list[list[int]], first_needed: list[int]) -> int:
+    """How many tokens every row starts with, up to the first position whose logits some row needs. Chat templates put
+    the same system block (and often the same instruction) before every row: those tokens go through the model once
+    per batch set instead of once per row."""
+    low, high = min(rows), max(rows)  # the prefix all rows share is the one the first and the last in sort order share
+    limit, length = min(first_needed), 0
+    while length < limit and low[length] == high[length]:
+        length += 1
+    return length
+
+
 @torch.no_grad()
-def label_log_probs(model, ids, mask, labels) -> torch.Tensor:
+def prefix_cache(model, prefix: list[int]):
+    """The KV cache of PREFIX, to reuse for every row that starts with it (transformers' prompt-reuse recipe)."""
+    return model(input_ids=torch.tensor([prefix]), use_cache=True).cache if prefix else None
+
+
+def batch_cache(cache, rows: int):
+    """A copy of the prefix's cache for a batch of ROWS (a forward appends to the cache it is given)."""
+    if cache is None:
+        return None
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(rows)
+    return copied
+
+
+def attention_window(model) -> int | None:
+    """The window of the model's sliding-window (or chunked) attention layers, None where every layer sees the whole
+    row."""
+    config = model.config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    if types is not None and not any("sliding" in t or "chunked" in t for t in types):
+        return None
+    return getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+
+
+@torch.no_grad()
+def check_prefix_cache(model, row: list[int], shared: int) -> str | None:
+    """None where the row's logits after a reused prefix cache equal those of one forward over the whole row; else
+    why not, and the rows are scored whole. A model whose cache cannot be copied or batched (recurrent or hybrid
+    layers) is one."""
+    whole = model(input_ids=torch.tensor([row])).logits[0, shared:].float()
+    try:
+        cache = batch_cache(prefix_cache(model, row[:shared]), 1)
+        split = model(input_ids=torch.tensor([row[shared:]]), cache=cache).logits[0].float()
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+        return f"its cache cannot be reused ({type(exc).__name__}: {exc})"
+    difference = (whole - split).abs().max().item()
+    tolerance = PREFIX_TOLERANCE[next(model.parameters()).dtype == torch.float32]
+    return None if difference <= tolerance else f"its logits after the cached prefix differ by {difference:.3g}"
+
+
+PREFIX_TOLERANCE = {True: 1e-3, False: 5e-2}  # fp32, 16-bit weights
+
+
+@torch.no_grad()
+def label_log_probs(model, ids, mask, labels, cache=None) -> torch.Tensor:
     """Per-token log-probabilities of the labels (zero where a label is -100), with logits only at the positions
     where some row of the batch has a label (transformers' logits_to_keep): the prompt's positions through a
-    49k-token vocabulary were most of an evaluation's time on the CPU."""
+    49k-token vocabulary were most of an evaluation's time on the CPU. CACHE: the rows' shared prefix, which IDS
+    continue (MASK covers both)."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(0).nonzero()[:, 0]
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+    logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=keep).logits.float()
     kept = targets[:, keep]
     picked = logits.log_softmax(-1).gather(-1, kept.clamp(min=0)[..., None])[..., 0]
     return picked.masked_fill(kept == -100, 0.0)
@@ -63,60 +120,89 @@ def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
+def labelled_rows_prefix(rows: list[tuple[list[int], list[int]]]) -> int:
+    """The prefix shared_prefix allows for (input_ids, labels) rows: it stops before the position predicting a row's
+    first label."""
+    firsts = [next((i for i, label in enumerate(labels) if label != -100), len(labels)) - 1 for _, labels in rows]
+    return shared_prefix([ids for ids, _ in rows], firsts)
+
+
 @torch.no_grad()
-def heldout_loss(model, rows, pad_id: int, batch_size: int) -> tuple[dict[str, float], list[float]]:
+def row_log_probs(model, rows: list[tuple[list[int], list[int]]], batch_size: int, shared: int = 0) -> list[float]:
+    """Each (input_ids, labels) row's summed log-probability of its labels, in right-padded batches; the first
+    SHARED tokens, the same in every row and unlabelled, through the model once."""
+    cache = prefix_cache(model, rows[0][0][:shared]) if rows else None
+    sums: list[float] = []
+    for batch in _batches(rows, batch_size):
+        ids, labels = _padded([r[shared:] for r, _ in batch], 0), _padded([l[shared:] for _, l in batch], -100)
+        mask = _padded([[1] * len(r) for r, _ in batch], 0)
+        sums += label_log_probs(model, ids, mask, labels, batch_cache(cache, len(batch))).sum(1).tolist()
+    return sums
+
+
+def heldout_loss(model, rows, batch_size: int, share: bool = True) -> tuple[dict[str, float], list[float]]:
     """The mean loss over every labelled token of the rows, and each row's share of it scaled by the number of rows
     (their mean is the loss), which pairs two models' losses row by row."""
-    row_losses, count = [], 0
-    for batch in _batches(rows, batch_size):
-        ids, labels = _padded([r["input_ids"] for r in batch], pad_id), _padded([r["labels"] for r in batch], -100)
-        mask = _padded([[1] * len(r["input_ids"]) for r in batch], 0)
-        row_losses += (-label_log_probs(model, ids, mask, labels).sum(1)).tolist()
-        count += int((labels[:, 1:] != -100).sum())
-    count = max(count, 1)
+    labelled = [(r["input_ids"], r["labels"]) for r in rows]
+    shared = labelled_rows_prefix(labelled) if share else 0
+    row_losses = [-logp for logp in row_log_probs(model, labelled, batch_size, shared)]
+    count = max(sum(sum(label != -100 for label in labels[1:]) for _, labels in labelled), 1)
     mean = sum(row_losses) / count
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50))}, [loss * len(rows) / count for loss in row_losses]
 
 
-@torch.no_grad()
-def answer_logp(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int) -> list[float]:
-    """Each answer's log-probability after its prompt, summed over the answer's tokens; right-padded batches."""
+def answer_rows(tokenizer, prompts: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each prompt + answer as (input_ids, labels), the answer's tokens labelled."""
     rows = []
     for prompt, answer in zip(prompts, answers, strict=True):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        rows.append((prompt_ids + answer_ids, len(prompt_ids)))
-    results = []
-    for batch in _batches(rows, batch_size):
-        ids, mask = _padded([ids for ids, _ in batch], 0), _padded([[1] * len(ids) for ids, _ in batch], 0)
-        labels = _padded([[-100] * start + row[start:] for row, start in batch], -100)
-        results += label_log_probs(model, ids, mask, labels).sum(1).tolist()
-    return results
+        rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    return rows
 
 
-def preference_accuracy(model, tokenizer, pairs: list[dict[str, str]], batch_size: int) -> list[float]:
-    """For each pair, 1 where the chosen answer is the more likely one."""
+def answer_logp(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int, share: bool = True) -> list[float]:
+    """Each answer's log-probability after its prompt, summed over the answer's tokens."""
+    rows = answer_rows(tokenizer, prompts, answers)
+    return row_log_probs(model, rows, batch_size, labelled_rows_prefix(rows) if share else 0)
+
+
+def preference_accuracy(model, tokenizer, pairs: list[dict[str, str]], batch_size: int, share: bool = True) -> list[float]:
+    """For each pair, 1 where the chosen answer is the more likely one. Chosen and rejected rows are scored together,
+    so the prefix they all share goes through the model once."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = answer_logp(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size)
-    rejected = answer_logp(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size)
+    logps = answer_logp(model, tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                        batch_size, share)
+    chosen, rejected = logps[:len(pairs)], logps[len(pairs):]
     return [float(c > r) for c, r in zip(chosen, rejected, strict=True)]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_tokens: int, batch_size: int) -> list[str]:
-    tokenizer.padding_side = "left"
+def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_tokens: int, batch_size: int,
+             share: bool = True) -> list[str]:
+    """Greedy answers. The prompts' shared prefix goes through the model once; after it, each row's own tokens are
+    left-padded (generate counts positions over unmasked tokens only, so every row's positions are its own)."""
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = shared_prefix(rows, [len(r) - 1 for r in rows]) if share and rows else 0
+    window = attention_window(model)
+    if window is not None and max(map(len, rows), default=0) + max_new_tokens > window:
+        shared = 0  # the padding after the prefix would take places in a row's window that its own tokens had
+    cache = prefix_cache(model, rows[0][:shared]) if rows else None
     outputs = []
-    for batch in _batches(prompts, batch_size):
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+    for batch in _batches(rows, batch_size):
+        width = max(len(r) for r in batch)
+        ids = torch.tensor([r[:shared] + [tokenizer.pad_token_id] * (width - len(r)) + r[shared:] for r in batch])
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in batch])
         generated = model.generate(
-            **encoded,
+            input_ids=ids,
+            attention_mask=mask,
+            cache=batch_cache(cache, len(batch)),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
         )
-        new = generated[:, encoded["input_ids"].shape[1] :]
-        outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        outputs += [t.strip() for t in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
     return outputs
 
 
@@ -144,24 +230,38 @@ def lm_eval_scores(model, tokenizer, settings: LmEvalSettings) -> dict[str, floa
     return scores
 
 
-def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config,
-                   stop_ids: list[int]) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
+def prefix_sharing(model, tokenizer, data: dict[str, Any]) -> str | None:
+    """None where the model can reuse a shared prefix's cache (checked on one held-out row split in half), else why
+    not."""
+    if data["sft"]:
+        row = data["sft"][0]["input_ids"]
+    elif data["pairs"]:
+        row = tokenizer(data["pairs"][0]["prompt"] + data["pairs"][0]["chosen"], add_special_tokens=False)["input_ids"]
+    else:
+        row = tokenizer(data["tasks"][0]["prompt"], add_special_tokens=False)["input_ids"]
+    return check_prefix_cache(model, row, len(row) // 2) if len(row) > 1 else "a one-token row"
+
+
+def evaluate_model(model, tokenizer, data: dict[str, Any], config: Config, stop_ids: list[int],
+                   share: bool = True) -> tuple[dict[str, float], dict[str, list[float]], list[str]]:
     """The model's metrics; for those that are a mean over held-out rows, pairs or tasks, each item's value (so two
-    models can be compared item by item); its answers to the eval tasks."""
+    models can be compared item by item); its answers to the eval tasks. SHARE: whether the prefix the rows of each
+    set share goes through the model once (see prefix_sharing)."""
     settings = config.evaluate
     model.eval()
     metrics: dict[str, float] = {}
     items: dict[str, list[float]] = {}
     if data["sft"]:
-        loss, items["eval_loss"] = heldout_loss(model, data["sft"], tokenizer.pad_token_id, settings.batch_size)
+        loss, items["eval_loss"] = heldout_loss(model, data["sft"], settings.batch_size, share)
         metrics.update(loss)
     if data["pairs"]:
-        items["preference_accuracy"] = preference_accuracy(model, tokenizer, data["pairs"], settings.batch_size)
+        items["preference_accuracy"] = preference_accuracy(model, tokenizer, data["pairs"], settings.batch_size, share)
         metrics["preference_accuracy"] = sum(items["preference_accuracy"]) / len(data["pairs"])
     outputs: list[str] = []
     if data["tasks"]:
         prompts = [t["prompt"] for t in data["tasks"]]
-        outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.generation_batch_size)
+        outputs = generate(model, tokenizer, prompts, stop_ids, settings.max_new_tokens, settings.generation_batch_size,
+                           share)
         scored = scoring.task_items(outputs, data["tasks"])  # each answer scored once, ROUGE-L included
         items.update(scored)
         metrics.update(scoring.means(scored))
@@ -251,8 +351,13 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
         scored.update(contenders if len(contenders) > 1 else {"candidate": str(model_dir)})
         for name, path in scored.items():
             log.info("evaluating the %s model", name)
-            model = models.load_model(path, config.base_model)
-            results[name], items[name], generations[name] = evaluate_model(model, tokenizer, data, config, stop_ids)
+            model = models.load_model(path, config.base_model).eval()
+            why_not = prefix_sharing(model, tokenizer, data)
+            if why_not:
+                log.warning("the %s model scores every row whole: %s", name, why_not)
+            results.setdefault("shared_prefix", {})[name] = why_not or "reused"
+            results[name], items[name], generations[name] = evaluate_model(model, tokenizer, data, config, stop_ids,
+                                                                           share=not why_not)
             del model
     results["trained_by"] = next(iter(contenders))
     if len(contenders) > 1:
