@@ -374,7 +374,7 @@ def test_sft_and_dpo_train_without_an_eval_split(tmp_path):
 
 def test_batching_on_rows_of_varied_length(tmp_path):
     """160 rows of 1 to 60 words: on the CPU auto makes padding-free batches under rowwise attention (no padding) that
-    train exactly like padded ones (same rows per step: same losses); grouped batches have far less padding than padded
+    train exactly like padded ones, which run their rows' shared prefix once (same rows per step: same losses); grouped batches have far less padding than padded
     ones; DPO computes each prompt once, with the same losses as TRL's two rows."""
     words = [1 + (i * 37) % 60 for i in range(160)]  # enough rows for the sampler to sort groups of 40
     sft_rows = [{"instruction": f"Repeat the words of line {i}.", "input": " ".join(["word"] * n),
@@ -405,6 +405,9 @@ def test_batching_on_rows_of_varied_length(tmp_path):
     assert padded["metrics"]["padding_share"] > 0.3 and grouped["metrics"]["padding_share"] < padded["metrics"]["padding_share"] / 2
     assert auto["metrics"]["padding_share"] == 0
     assert len(auto["losses"]) == 4 and auto["losses"] == pytest.approx(padded["losses"], abs=1e-4)
+    # padded batches run the prefix their rows share once (the padding-free ones have no rows to share it): same losses
+    assert padded["lineage"]["shared_prefix"].startswith("on:") and padded["metrics"]["shared_prefix_share"] > 0.03
+    assert auto["lineage"]["shared_prefix"].startswith("padding-free") and "shared_prefix_share" not in auto["metrics"]
 
     sft = ["--input", f"model={padded['output']}"]
     shared, two_rows = stage("dpo", "dpo.batching=padded", inputs=sft), stage(

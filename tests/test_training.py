@@ -288,6 +288,70 @@ def test_shared_prompt_keeps_trls_rows_for_a_batch_whose_prompts_differ():
     assert shared.layout(batch["input_ids"], batch["attention_mask"], labels) is None
 
 
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_sft_computes_the_prefix_its_rows_share_once_with_the_same_loss_and_gradients(arch):
+    """sft's SharedPrefix runs the tokens every row starts with once per batch: TRL's loss and every LoRA gradient
+    equal those of the whole rows within 1e-5, for fewer positions; the prefix (80 tokens) is longer than tiny-gemma3's
+    sliding window (64), and a padded row is in the batch."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.components.sft import SharedPrefix
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source=arch)), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so every adapter's gradient depends on the prefix
+            torch.nn.init.normal_(param, std=0.02)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.randint(3, 400, (1, 80), generator=generator).expand(3, 80),
+                     torch.randint(3, 400, (3, 20), generator=generator)], 1)
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :88] = -100
+    causal_lm = model.get_base_model()
+    shared = SharedPrefix(causal_lm)
+    embedded = []
+    causal_lm.get_input_embeddings().register_forward_hook(lambda module, args, out: embedded.append(args[0].numel()))
+
+    def loss_and_grads():
+        model.zero_grad()
+        embedded.clear()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        loss = -out.log_probs.sum() / out.label_mask.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, out.entropy.sum().item(), sum(embedded)
+
+    model.train()
+    whole_loss, whole_grads, whole_entropy, whole_positions = loss_and_grads()
+    shared.install()
+    loss, grads, entropy, positions = loss_and_grads()
+    assert SharedPrefix.prefix_length(ids, mask, labels) == 80
+    assert positions == whole_positions - 2 * 80
+    assert loss == pytest.approx(whole_loss, abs=1e-5)
+    assert entropy == pytest.approx(whole_entropy, abs=1e-4)
+    assert grads.keys() == whole_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, whole_grads[name], atol=1e-5), name
+    assert shared.share == pytest.approx(2 * 80 / ids.numel())
+
+
+def test_sft_prefix_is_not_shared_past_a_rows_first_label():
+    """The position that predicts a row's first label must be computed for that row: the prefix stops before it."""
+    from tuneforge.components.sft import SharedPrefix
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 11, 12]])
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    assert SharedPrefix.prefix_length(ids, mask, labels) == 3  # shared 4 tokens; the 4th predicts the first label
+    labels[1, :2] = -100
+    labels[1, 2:] = ids[1, 2:]
+    assert SharedPrefix.prefix_length(ids, mask, labels) == 1
+
+
 def test_batched_answer_log_probabilities_equal_one_at_a_time():
     """evaluate scores preference pairs in right-padded batches: each answer's log-probability equals its own
     unpadded forward's, within 1e-4."""

@@ -189,6 +189,11 @@ class SftSettings(TrainSettings):
         "assistant", description="assistant: only assistant/completion tokens count; all: every token."
     )
     packing: bool = Field(False, description="Pack several rows into one sequence (trl bfd packing).")
+    shared_prefix: bool = Field(
+        True, description="Run the tokens every row of a batch starts with (a chat template's system block, a common "
+        "instruction) once per batch, its KV cache repeated for the rows, instead of once per row. Checked against "
+        "whole rows on the model first; off (and recorded why) for padding-free batches, gradient checkpointing, "
+        "dropout, and models whose cache cannot be repeated.")
 
 
 class DpoSettings(TrainSettings):

@@ -548,7 +548,7 @@ def load_for_training(config: Config, model_path: str):
 def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTracker, out: Path,
                    lineage: dict[str, Any], resume: str | None, has_eval: bool, tokenizer, tokenizer_source: str | Path,
                    adapter_base: str | None, trained_token_fraction: float | None, guard: LikelihoodGuard | None = None,
-                   padding: PaddingCount | None = None, **save_options) -> dict[str, Any]:
+                   padding: PaddingCount | None = None, shared_prefix=None, **save_options) -> dict[str, Any]:
     """How every training stage ends: train, evaluate, save the weights (all processes) and, in the main process, the
     tokenizer, the adapter's base name, the loss history and curve, the MLflow metrics and the manifest (last).
     `adapter_base` is what the saved adapter names as its base; None for full weights. A guard's report goes into the
@@ -564,6 +564,8 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
         metrics.update(kept_step=trainer.state.best_global_step, kept_metric=trainer.state.best_metric)
     if padding is not None:
         metrics["padding_share"] = padding.share
+    if shared_prefix is not None:  # the share of positions computed once per batch (sft's SharedPrefix)
+        metrics["shared_prefix_share"] = shared_prefix.share
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     if has_eval:
         metrics.update(final_evaluation(trainer))

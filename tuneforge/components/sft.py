@@ -45,6 +45,120 @@ def check_loss_mask(dataset, loss_on: str, sample: int = 64) -> float:
     return trained / total
 
 
+class SharedPrefix:
+    """Computes the tokens every row of a batch starts with once per batch. Chat templates put the same system block
+    (and datasets often the same instruction) before every row; this replaces the forward of TRL's fused LM head with
+    one that runs that prefix as a single row, repeats its KV cache for the batch and runs the rest of each row after
+    it. The gradients of every row flow back through the repeated cache, so the loss and gradients are those of the
+    whole rows up to rounding (without dropout, which would draw one mask for the prefix instead of one a row). The
+    per-token outputs go back to the whole rows' layout (zero on the prefix, where nothing is labelled), so TRL's loss
+    and metrics are unchanged. Padding-free batches, and batches whose rows share less than MINIMUM tokens before their
+    first label, go through the model's own forward."""
+
+    FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+    MINIMUM = 8
+
+    def __init__(self, causal_lm):
+        self.model = causal_lm
+        self.whole_rows = causal_lm.forward
+        self.skipped = self.total = 0
+
+    def install(self) -> None:
+        self.model.forward = self
+
+    @property
+    def share(self) -> float:
+        """The share of the training forwards' positions computed once per batch instead of once per row."""
+        return self.skipped / self.total if self.total else 0.0
+
+    def __call__(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        shared = 0
+        if (fused_lm_head and labels is not None and not args and ids is not None and mask is not None and ids.size(0) > 1
+                and kwargs.get("position_ids") is None and kwargs.get("cache") is None
+                and not kwargs.get("output_router_logits")):
+            shared = self.prefix_length(ids, mask, labels)
+        if self.model.training and torch.is_grad_enabled() and ids is not None:
+            self.total += ids.numel()
+            self.skipped += (ids.size(0) - 1) * shared if shared >= self.MINIMUM else 0
+        if shared < self.MINIMUM:
+            return self.whole_rows(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "use_cache")}
+        prefix = self.whole_rows(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1).cache
+        prefix.batch_repeat_interleave(ids.size(0))
+        out = self.whole_rows(input_ids=ids[:, shared:], cache=prefix, labels=labels[:, shared:], fused_lm_head=True,
+                              **kwargs)
+        for name in self.FIELDS:
+            value = getattr(out, name, None)
+            if value is not None:
+                setattr(out, name, torch.nn.functional.pad(value, (shared, 0)))
+        return out
+
+    @staticmethod
+    def prefix_length(ids, mask, labels) -> int:
+        """The tokens all rows share, short of the position that predicts a row's first label."""
+        same = ((ids == ids[:1]) & (mask == 1)).all(0)
+        common = int(same.int().cumprod(0).sum())
+        labelled = labels != -100
+        first = int(torch.where(labelled.any(1), labelled.int().argmax(1), labels.size(1)).min())
+        return max(0, min(common, first - 1))
+
+
+def share_prefix(trainer, settings, batching: str, can_probe: bool) -> tuple[SharedPrefix | None, str]:
+    """Install SharedPrefix on the trainer's model where it computes what the whole rows do: on a probe batch, the
+    same per-token log-probabilities; the reason either way."""
+    if not settings.shared_prefix:
+        return None, "sft.shared_prefix: false"
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    if batching == "padding_free":
+        return None, "padding-free batches: no rows to share a prefix"
+    if settings.gradient_checkpointing:
+        return None, "gradient checkpointing recomputes the layers without a cache"
+    dropout = max((m.p for m in causal_lm.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
+    dropout = max(dropout, getattr(causal_lm.config.get_text_config(), "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        return None, f"dropout {dropout:g}: the prefix would get one dropout mask for every row"
+    if not can_probe:
+        return None, "not probed: a 4-bit model is never run in eval mode on the CPU"
+    shared = SharedPrefix(causal_lm)
+    try:
+        difference = shared_prefix_difference(causal_lm, shared)
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as err:
+        return None, f"the model's cache cannot be reused for a batch ({tracking.first_line(err)})"
+    if difference > SHARED_PREFIX_TOLERANCE:
+        return None, f"the shared-prefix forward differs from the whole rows' on a probe by {difference:.3g}"
+    shared.install()
+    return shared, f"on: the same log-probabilities as whole rows on a probe (largest difference {difference:.2g})"
+
+
+SHARED_PREFIX_TOLERANCE = 1e-3
+
+
+@torch.no_grad()
+def shared_prefix_difference(causal_lm, shared: SharedPrefix) -> float:
+    """The largest per-token log-probability difference between whole rows and the shared-prefix forward on three
+    random rows that share 80 tokens (past a small sliding window) and end with labels, one of them padded."""
+    vocab = causal_lm.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(3, vocab, (1, 80), generator=generator).expand(3, 80),
+                     torch.randint(3, vocab, (3, 12), generator=generator)], 1)
+    mask = torch.ones_like(ids)
+    mask[2, -4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :84] = -100
+    device = next(causal_lm.parameters()).device
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    training = causal_lm.training
+    causal_lm.eval()
+    try:
+        whole = shared.whole_rows(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+        reused = shared(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+    finally:
+        causal_lm.train(training)
+    return (whole.float() - reused.float()).abs().max().item()
+
+
 def _check_packing(model, method: str) -> None:
     """Refuse to pack for a model whose attention lets packed examples see each other."""
     if method == "qlora" and not torch.cuda.is_available():
@@ -138,11 +252,14 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             callbacks=training.callbacks(settings, "sft/", tracker, config.storage.endpoint_url),
         )
         trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
+        shared, lineage["shared_prefix"] = (None, "off: Unsloth's step has its own forward") if backend == "unsloth" else \
+            share_prefix(trainer, settings, batching, can_probe=not on_cpu_qlora)
+        log.info("prefix computed once per batch: %s", lineage["shared_prefix"])
         metrics = training.train_and_save(
             trainer, stage=STAGE, title=f"SFT ({settings.method})", tracker=tracker, out=out, lineage=lineage,
             resume=resume, has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=model_path,
             adapter_base=None if settings.method == "full" else config.base_model.source,
-            trained_token_fraction=trained_fraction, padding=padding)
+            trained_token_fraction=trained_fraction, padding=padding, shared_prefix=shared)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)
 
@@ -214,6 +331,9 @@ def train_classifier(config: Config, inputs: dict[str, Path], output: Path) -> d
                                          tracker, config.storage.endpoint_url),
         )
         trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
+        shared, lineage["shared_prefix"] = (None, "off: Unsloth's step has its own forward") if backend == "unsloth" else \
+            share_prefix(trainer, settings, batching, can_probe=not on_cpu_qlora)
+        log.info("prefix computed once per batch: %s", lineage["shared_prefix"])
         metrics = training.train_and_save(
             trainer, stage=STAGE, title=f"classifier ({settings.method})", tracker=tracker, out=out, lineage=lineage,
             resume=resume, has_eval=True, tokenizer=tokenizer, tokenizer_source=model_path,
