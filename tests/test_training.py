@@ -241,7 +241,7 @@ def dpo_trainer(arch: str, attention: str, rows: list[dict]):
                       processing_class=AutoTokenizer.from_pretrained(path), peft_config=lora)
 
 
-PAIRS = [{"prompt": [{"role": "user", "content": "word " * n}], "chosen": [{"role": "assistant", "content": "yes " * m}],
+PAIRS = [{"prompt": [{"role": "user", "content": "Answer yes or no to each of the words that follow. " + "word " * n}], "chosen": [{"role": "assistant", "content": "yes " * m}],
           "rejected": [{"role": "assistant", "content": "no " * k}]}
          for n, m, k in [(3, 5, 2), (19, 1, 4), (1, 7, 7), (5, 2, 12), (70, 9, 3)]]  # the last longer than tiny-gemma3's window
 
@@ -250,7 +250,8 @@ PAIRS = [{"prompt": [{"role": "user", "content": "word " * n}], "chosen": [{"rol
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention):
     """dpo.shared_prompt (one row per pair) against TRL's DPOTrainer as it comes (two rows per pair) on the same batch:
-    the loss and every LoRA gradient within 1e-5, the logged metrics within 1e-4, and fewer positions computed."""
+    the loss and every LoRA gradient within 1e-5, the logged metrics within 1e-4, and fewer positions computed (the
+    prefix all the prompts share computed once for the batch)."""
     from tuneforge.components.dpo import share_prompts
     from tuneforge.config import DpoSettings
 
@@ -268,6 +269,7 @@ def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention
         results.append((loss.item(), grads, {k: v[0] for k, v in trainer._metrics["train"].items()}))
         if shared:
             assert sharing.total < batch["input_ids"].numel() * 0.75  # one row per pair instead of two
+            assert sharing.prefix_share > 0.05  # the chat template's start, the same in every prompt, computed once
     (two_loss, two_grads, two_metrics), (one_loss, one_grads, one_metrics) = results
     assert one_loss == pytest.approx(two_loss, abs=1e-5)
     assert len(two_grads) > 0 and two_grads.keys() == one_grads.keys()
@@ -328,28 +330,26 @@ def test_sft_computes_the_prefix_its_rows_share_once_with_the_same_loss_and_grad
     whole_loss, whole_grads, whole_entropy, whole_positions = loss_and_grads()
     shared.install()
     loss, grads, entropy, positions = loss_and_grads()
-    assert SharedPrefix.prefix_length(ids, mask, labels) == 80
+    assert training.shared_prefix_length(ids, mask, labels) == 80
     assert positions == whole_positions - 2 * 80
     assert loss == pytest.approx(whole_loss, abs=1e-5)
     assert entropy == pytest.approx(whole_entropy, abs=1e-4)
     assert grads.keys() == whole_grads.keys()
     for name, grad in grads.items():
         assert torch.allclose(grad, whole_grads[name], atol=1e-5), name
-    assert shared.share == pytest.approx(2 * 80 / ids.numel())
+    assert shared.prefix_share == pytest.approx(2 * 80 / ids.numel())
 
 
-def test_sft_prefix_is_not_shared_past_a_rows_first_label():
+def test_a_prefix_is_not_shared_past_a_rows_first_label():
     """The position that predicts a row's first label must be computed for that row: the prefix stops before it."""
-    from tuneforge.components.sft import SharedPrefix
-
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 11, 12]])
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, :4] = -100
-    assert SharedPrefix.prefix_length(ids, mask, labels) == 3  # shared 4 tokens; the 4th predicts the first label
+    assert training.shared_prefix_length(ids, mask, labels) == 3  # shared 4 tokens; the 4th predicts the first label
     labels[1, :2] = -100
     labels[1, 2:] = ids[1, 2:]
-    assert SharedPrefix.prefix_length(ids, mask, labels) == 1
+    assert training.shared_prefix_length(ids, mask, labels) == 1
 
 
 def test_batched_answer_log_probabilities_equal_one_at_a_time():

@@ -48,15 +48,11 @@ def check_loss_mask(dataset, loss_on: str, sample: int = 64) -> float:
 class SharedPrefix:
     """Computes the tokens every row of a batch starts with once per batch. Chat templates put the same system block
     (and datasets often the same instruction) before every row; this replaces the forward of TRL's fused LM head with
-    one that runs that prefix as a single row, repeats its KV cache for the batch and runs the rest of each row after
-    it. The gradients of every row flow back through the repeated cache, so the loss and gradients are those of the
-    whole rows up to rounding (without dropout, which would draw one mask for the prefix instead of one a row). The
-    per-token outputs go back to the whole rows' layout (zero on the prefix, where nothing is labelled), so TRL's loss
-    and metrics are unchanged. Padding-free batches, and batches whose rows share less than MINIMUM tokens before their
-    first label, go through the model's own forward."""
-
-    FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
-    MINIMUM = 8
+    one that runs that prefix as a single row and each row's own tokens after it
+    (training.forward_after_shared_prefix), so the loss and gradients are those of the whole rows up to rounding
+    (without dropout, which would draw one mask for the prefix instead of one a row), and TRL's loss and metrics are
+    unchanged. Padding-free batches, and batches whose rows share too few tokens before their first label, go through
+    the model's own forward."""
 
     def __init__(self, causal_lm):
         self.model = causal_lm
@@ -67,7 +63,7 @@ class SharedPrefix:
         self.model.forward = self
 
     @property
-    def share(self) -> float:
+    def prefix_share(self) -> float:
         """The share of the training forwards' positions computed once per batch instead of once per row."""
         return self.skipped / self.total if self.total else 0.0
 
@@ -77,31 +73,16 @@ class SharedPrefix:
         if (fused_lm_head and labels is not None and not args and ids is not None and mask is not None and ids.size(0) > 1
                 and kwargs.get("position_ids") is None and kwargs.get("cache") is None
                 and not kwargs.get("output_router_logits")):
-            shared = self.prefix_length(ids, mask, labels)
+            shared = training.shared_prefix_length(ids, mask, labels)
+        if shared < training.SHARED_PREFIX_MINIMUM:
+            shared = 0
         if self.model.training and torch.is_grad_enabled() and ids is not None:
             self.total += ids.numel()
-            self.skipped += (ids.size(0) - 1) * shared if shared >= self.MINIMUM else 0
-        if shared < self.MINIMUM:
+            self.skipped += (ids.size(0) - 1) * shared
+        if not shared:
             return self.whole_rows(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "use_cache")}
-        prefix = self.whole_rows(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1).cache
-        prefix.batch_repeat_interleave(ids.size(0))
-        out = self.whole_rows(input_ids=ids[:, shared:], cache=prefix, labels=labels[:, shared:], fused_lm_head=True,
-                              **kwargs)
-        for name in self.FIELDS:
-            value = getattr(out, name, None)
-            if value is not None:
-                setattr(out, name, torch.nn.functional.pad(value, (shared, 0)))
-        return out
-
-    @staticmethod
-    def prefix_length(ids, mask, labels) -> int:
-        """The tokens all rows share, short of the position that predicts a row's first label."""
-        same = ((ids == ids[:1]) & (mask == 1)).all(0)
-        common = int(same.int().cumprod(0).sum())
-        labelled = labels != -100
-        first = int(torch.where(labelled.any(1), labelled.int().argmax(1), labels.size(1)).min())
-        return max(0, min(common, first - 1))
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "use_cache", "position_ids")}
+        return training.forward_after_shared_prefix(self.whole_rows, shared, ids, labels, **kwargs)
 
 
 def share_prefix(trainer, settings, batching: str, can_probe: bool) -> tuple[SharedPrefix | None, str]:
@@ -115,8 +96,7 @@ def share_prefix(trainer, settings, batching: str, can_probe: bool) -> tuple[Sha
         return None, "padding-free batches: no rows to share a prefix"
     if settings.gradient_checkpointing:
         return None, "gradient checkpointing recomputes the layers without a cache"
-    dropout = max((m.p for m in causal_lm.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
-    dropout = max(dropout, getattr(causal_lm.config.get_text_config(), "attention_dropout", 0.0) or 0.0)
+    dropout = training.active_dropout(causal_lm)
     if dropout:
         return None, f"dropout {dropout:g}: the prefix would get one dropout mask for every row"
     if not can_probe:
