@@ -241,7 +241,7 @@ def dpo_trainer(arch: str, attention: str, rows: list[dict]):
                       processing_class=AutoTokenizer.from_pretrained(path), peft_config=lora)
 
 
-PAIRS = [{"prompt": [{"role": "user", "content": "Answer yes or no to each of the words that follow. " + "word " * n}], "chosen": [{"role": "assistant", "content": "yes " * m}],
+PAIRS = [{"prompt": [{"role": "user", "content": "word " * n}], "chosen": [{"role": "assistant", "content": "yes " * m}],
           "rejected": [{"role": "assistant", "content": "no " * k}]}
          for n, m, k in [(3, 5, 2), (19, 1, 4), (1, 7, 7), (5, 2, 12), (70, 9, 3)]]  # the last longer than tiny-gemma3's window
 
@@ -250,8 +250,7 @@ PAIRS = [{"prompt": [{"role": "user", "content": "Answer yes or no to each of th
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention):
     """dpo.shared_prompt (one row per pair) against TRL's DPOTrainer as it comes (two rows per pair) on the same batch:
-    the loss and every LoRA gradient within 1e-5, the logged metrics within 1e-4, and fewer positions computed (the
-    prefix all the prompts share computed once for the batch)."""
+    the loss and every LoRA gradient within 1e-5, the logged metrics within 1e-4, and fewer positions computed."""
     from tuneforge.components.dpo import share_prompts
     from tuneforge.config import DpoSettings
 
@@ -269,7 +268,6 @@ def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention
         results.append((loss.item(), grads, {k: v[0] for k, v in trainer._metrics["train"].items()}))
         if shared:
             assert sharing.total < batch["input_ids"].numel() * 0.75  # one row per pair instead of two
-            assert sharing.prefix_share > 0.05  # the chat template's start, the same in every prompt, computed once
     (two_loss, two_grads, two_metrics), (one_loss, one_grads, one_metrics) = results
     assert one_loss == pytest.approx(two_loss, abs=1e-5)
     assert len(two_grads) > 0 and two_grads.keys() == one_grads.keys()

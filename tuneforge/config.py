@@ -192,7 +192,7 @@ class SftSettings(TrainSettings):
     shared_prefix: bool = Field(
         True, description="Run the tokens every row of a batch starts with (a chat template's system block, a common "
         "instruction) once per batch, its KV cache repeated for the rows, instead of once per row. Checked against "
-        "whole rows on the model first; off (and recorded why) for padding-free batches, gradient checkpointing, "
+        "whole rows on the model first; off, and recorded why, for padding-free batches, gradient checkpointing, "
         "dropout, and models whose cache cannot be repeated.")
 
 

@@ -75,17 +75,15 @@ class SharedPrompt:
     themselves but never each other. Every token then sees what it sees in TRL's rows, at the same positions, so the
     log-probabilities are those of the two-row forward (up to rounding); they are put back in TRL's [chosen; rejected]
     layout, so its losses and metrics are unchanged. Batches that do not share their prompts (truncated from the
-    left) go through TRL's forward. PREFIX: the tokens all the batch's prompts start with also go through the model
-    once, not once per pair (training.forward_after_shared_prefix)."""
+    left) go through TRL's forward."""
 
-    def __init__(self, causal_lm, sliding_window: int | None = None, prefix: bool = True):
+    def __init__(self, causal_lm, sliding_window: int | None = None):
         self.model = causal_lm
-        self.prefix = prefix
         self.two_rows = causal_lm.forward
         self.eager = causal_lm.config._attn_implementation == "eager"
         # Models that mix full and sliding-window layers take one mask per layer type; the window is kept by position.
         self.sliding_window = sliding_window
-        self.padded = self.total = self.once = 0
+        self.padded = self.total = 0
 
     def install(self) -> None:
         self.model.forward = self
@@ -94,11 +92,6 @@ class SharedPrompt:
     def share(self) -> float:
         """Padded positions among those the training forwards computed."""
         return self.padded / self.total if self.total else 0.0
-
-    @property
-    def prefix_share(self) -> float:
-        """The share of the shared rows' positions computed once per batch: the prefix all the batch's prompts share."""
-        return self.once / self.total if self.total else 0.0
 
     def __call__(self, *args, fused_lm_head=False, labels=None, **kwargs):
         layout = None
@@ -110,22 +103,11 @@ class SharedPrompt:
         kwargs.pop("attention_mask")
         kwargs.pop("position_ids", None)
         ids, positions, targets, mask, (dst, src) = layout
-        # The prompts of a batch often start alike (a chat template's system block): that prefix goes through the model
-        # once for the batch (training.forward_after_shared_prefix), the rows' queries after it.
-        shared = training.shared_prefix_length(ids, (positions >= 0).long(), targets) if self.prefix else 0
-        shared = shared if shared >= training.SHARED_PREFIX_MINIMUM and ids.size(0) > 1 else 0
         if self.model.training and torch.is_grad_enabled():
             self.padded += int((positions < 0).sum())
             self.total += ids.numel()
-            self.once += (ids.size(0) - 1) * shared
-        if shared:
-            kwargs.pop("use_cache", None)
-            queries = {k: m[:, :, shared:] for k, m in mask.items()} if isinstance(mask, dict) else mask[:, :, shared:]
-            out = training.forward_after_shared_prefix(self.two_rows, shared, ids, targets, position_ids=positions.clamp(min=0),
-                                                       attention_mask=queries, **kwargs)
-        else:
-            out = self.two_rows(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=mask, labels=targets,
-                                fused_lm_head=True, **kwargs)
+        out = self.two_rows(input_ids=ids, position_ids=positions.clamp(min=0), attention_mask=mask, labels=targets,
+                            fused_lm_head=True, **kwargs)
         for name in training.FUSED_FIELDS:
             value = getattr(out, name, None)
             if value is not None:
@@ -218,8 +200,7 @@ def share_prompts(trainer, settings, max_length: int, can_probe: bool) -> tuple[
     if window and not mixed and 2 * max_length + 1 > window:
         return None, (f"sliding-window attention ({window} tokens) over shared rows of up to {2 * max_length + 1} "
                       "tokens: a 4-D mask would replace the window")
-    dropout = training.active_dropout(causal_lm)
-    shared = SharedPrompt(causal_lm, window if mixed else None, prefix=not settings.gradient_checkpointing and not dropout)
+    shared = SharedPrompt(causal_lm, window if mixed else None)
     if not can_probe:
         shared.install()
         return shared, "on (not probed: a 4-bit model is never run in eval mode on the CPU)"
@@ -230,9 +211,7 @@ def share_prompts(trainer, settings, max_length: int, can_probe: bool) -> tuple[
     if difference > SHARED_PROMPT_TOLERANCE:
         return None, f"the shared-prompt forward differs from TRL's two rows on a probe by {difference:.3g}"
     shared.install()
-    prefix = ("; the prefix a batch's prompts share once per batch" if shared.prefix else
-              f"; the prefix a batch's prompts share once per pair ({'dropout' if dropout else 'gradient checkpointing'})")
-    return shared, f"on: the same log-probabilities as TRL's two rows on a probe (largest difference {difference:.2g}){prefix}"
+    return shared, f"on: the same log-probabilities as TRL's two rows on a probe (largest difference {difference:.2g})"
 
 
 # Log-probabilities summed over an answer in fp32: the two layouts differ by rounding only (about 1e-5).
@@ -242,7 +221,7 @@ SHARED_PROMPT_TOLERANCE = 1e-3
 @torch.no_grad()
 def shared_prompt_difference(causal_lm, shared: SharedPrompt, pad_id: int) -> float:
     """The largest per-token log-probability difference between TRL's two rows and the shared row on two random pairs
-    of different lengths whose prompts share their first 10 tokens, the model in eval mode and fp32. With a sliding window of up to 1024 tokens, one prompt is
+    of different lengths, the model in eval mode and fp32. With a sliding window of up to 1024 tokens, one prompt is
     longer than the window, so that the window is checked too."""
     from trl.trainer.utils import pad
 
@@ -253,8 +232,6 @@ def shared_prompt_difference(causal_lm, shared: SharedPrompt, pad_id: int) -> fl
     long_prompt = window + 3 if window <= 1024 else 7
     pairs = [[torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
              for lengths in ((long_prompt, 5, 3), (4, 2, 6))]
-    start = torch.randint(3, vocab, (10,), generator=generator)  # prompts start alike, as a chat template makes them
-    pairs = [[torch.cat([start, prompt]), chosen, rejected] for prompt, chosen, rejected in pairs]
     sequences = [torch.cat([p, c]) for p, c, _ in pairs] + [torch.cat([p, r]) for p, _, r in pairs]
     prompts = [len(p) for p, _, _ in pairs] * 2
     ids = pad(sequences, padding_value=pad_id, padding_side="right").to(device)
@@ -484,7 +461,6 @@ def run(config: Config, inputs: dict[str, Path], output: Path) -> dict[str, Any]
             trainer, stage=STAGE, title=method.upper(), tracker=tracker, out=out, lineage=lineage, resume=resume,
             has_eval=has_eval, tokenizer=tokenizer, tokenizer_source=sft_dir or base_path,
             adapter_base=config.base_model.source if adapter_base == "base_model" else "sft",
-            trained_token_fraction=trained_fraction, guard=guard, padding=padding,
-            shared_prefix=padding if isinstance(padding, SharedPrompt) else None, selected_adapters=["default"])
+            trained_token_fraction=trained_fraction, guard=guard, padding=padding, selected_adapters=["default"])
     shutil.rmtree(checkpoints, ignore_errors=True)
     return tracker.result(metrics, output)
