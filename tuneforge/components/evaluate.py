@@ -109,7 +109,8 @@ def label_log_probs(model, ids, mask, labels, cache=None) -> torch.Tensor:
     continue (MASK covers both)."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(0).nonzero()[:, 0]
-    logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=keep).logits.float()
+    reused = {"cache": cache} if cache is not None else {}
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **reused).logits.float()
     kept = targets[:, keep]
     picked = logits.log_softmax(-1).gather(-1, kept.clamp(min=0)[..., None])[..., 0]
     return picked.masked_fill(kept == -100, 0.0)
@@ -193,10 +194,11 @@ def generate(model, tokenizer, prompts: list[str], stop_ids: list[int], max_new_
         width = max(len(r) for r in batch)
         ids = torch.tensor([r[:shared] + [tokenizer.pad_token_id] * (width - len(r)) + r[shared:] for r in batch])
         mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in batch])
+        reused = {"cache": batch_cache(cache, len(batch))} if cache is not None else {}
         generated = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            cache=batch_cache(cache, len(batch)),
+            **reused,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop_ids,
