@@ -129,13 +129,13 @@ def shared_prefix_difference(causal_lm, shared: SharedPrefix) -> float:
     labels[:, :84] = -100
     device = next(causal_lm.parameters()).device
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    training = causal_lm.training
+    was_training = causal_lm.training
     causal_lm.eval()
     try:
         whole = shared.whole_rows(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
         reused = shared(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
     finally:
-        causal_lm.train(training)
+        causal_lm.train(was_training)
     return (whole.float() - reused.float()).abs().max().item()
 
 
