@@ -8,7 +8,9 @@ curves (and the DPO likelihood guard's report) go into the report.
 Metrics, for both models: loss and perplexity on the held-out SFT rows, preference accuracy on held-out
 pairs (sum log p(chosen) > sum log p(rejected)), generation tasks scored by exact match, contains and
 ROUGE-L, and evaluate.lm_eval's lm-evaluation-harness tasks (lm_eval/TASK/METRIC). The chat template must be the one
-data-prep recorded.
+data-prep recorded. The tokens all rows of a set start with (a chat template's system block, a repeated instruction)
+go through each model once, their KV cache reused for every batch, where a check on one row shows the same logits
+(`shared_prefix` in metrics.json says, per model, whether it did).
 Outputs: metrics.json, answers.jsonl (the candidate's answer to each eval task), report.md (sample generations side
 by side), before_after.png, loss_curves.png.
 

@@ -5,6 +5,8 @@ With task: classification it trains a sequence classifier instead (train_classif
 model, in full or with LoRA (the head then trained in full), scored on validation rows after each epoch.
 
 Inputs: data (a data-prep output).
+The tokens every row of a padded batch starts with run once per batch (SharedPrefix, sft.shared_prefix).
+
 Outputs: the adapter (LoRA/QLoRA) or full weights, with the tokenizer and the training chat template,
 train_history.json, loss_curve.png and manifest.json. Checkpoints go to OUTPUT.checkpoints so that a killed
 run resumes (`resume: auto`); they are removed when the stage succeeds.
