@@ -137,7 +137,7 @@ def row_log_probs(model, rows: list[tuple[list[int], list[int]]], batch_size: in
     cache = prefix_cache(model, rows[0][0][:shared]) if rows else None
     sums: list[float] = []
     for batch in _batches(rows, batch_size):
-        ids, labels = _padded([r[shared:] for r, _ in batch], 0), _padded([l[shared:] for _, l in batch], -100)
+        ids, labels = _padded([r[shared:] for r, _ in batch], 0), _padded([labels[shared:] for _, labels in batch], -100)
         mask = _padded([[1] * len(r) for r, _ in batch], 0)
         sums += label_log_probs(model, ids, mask, labels, batch_cache(cache, len(batch))).sum(1).tolist()
     return sums

@@ -313,9 +313,6 @@ def train_classifier(config: Config, inputs: dict[str, Path], output: Path) -> d
                                          tracker, config.storage.endpoint_url),
         )
         trainer.data_collator = padding = training.PaddingCount(trainer.data_collator, trainer.model)
-        shared, lineage["shared_prefix"] = (None, "off: Unsloth's step has its own forward") if backend == "unsloth" else \
-            share_prefix(trainer, settings, batching, can_probe=not on_cpu_qlora)
-        log.info("prefix computed once per batch: %s", lineage["shared_prefix"])
         metrics = training.train_and_save(
             trainer, stage=STAGE, title=f"classifier ({settings.method})", tracker=tracker, out=out, lineage=lineage,
             resume=resume, has_eval=True, tokenizer=tokenizer, tokenizer_source=model_path,
