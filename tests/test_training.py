@@ -295,7 +295,7 @@ def test_sft_computes_the_prefix_its_rows_share_once_with_the_same_loss_and_grad
     sliding window (64), and a padded row is in the batch."""
     from peft import LoraConfig, get_peft_model
 
-    from tuneforge.components.sft import SharedPrefix
+    from tuneforge.components.sft import SharedPrefix, shared_prefix_length
 
     model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source=arch)), dtype=torch.float32)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
@@ -328,7 +328,7 @@ def test_sft_computes_the_prefix_its_rows_share_once_with_the_same_loss_and_grad
     whole_loss, whole_grads, whole_entropy, whole_positions = loss_and_grads()
     shared.install()
     loss, grads, entropy, positions = loss_and_grads()
-    assert training.shared_prefix_length(ids, mask, labels) == 80
+    assert shared_prefix_length(ids, mask, labels) == 80
     assert positions == whole_positions - 2 * 80
     assert loss == pytest.approx(whole_loss, abs=1e-5)
     assert entropy == pytest.approx(whole_entropy, abs=1e-4)
@@ -340,14 +340,16 @@ def test_sft_computes_the_prefix_its_rows_share_once_with_the_same_loss_and_grad
 
 def test_a_prefix_is_not_shared_past_a_rows_first_label():
     """The position that predicts a row's first label must be computed for that row: the prefix stops before it."""
+    from tuneforge.components.sft import shared_prefix_length
+
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 11, 12]])
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, :4] = -100
-    assert training.shared_prefix_length(ids, mask, labels) == 3  # shared 4 tokens; the 4th predicts the first label
+    assert shared_prefix_length(ids, mask, labels) == 3  # shared 4 tokens; the 4th predicts the first label
     labels[1, :2] = -100
     labels[1, 2:] = ids[1, 2:]
-    assert training.shared_prefix_length(ids, mask, labels) == 1
+    assert shared_prefix_length(ids, mask, labels) == 1
 
 
 def test_batched_answer_log_probabilities_equal_one_at_a_time():

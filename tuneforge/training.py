@@ -177,42 +177,6 @@ def rowwise_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
 
 # The per-token outputs of TRL's fused LM head, one value per position of the shifted rows.
 FUSED_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
-# Fewer tokens shared by every row of a batch are not worth a forward of their own.
-SHARED_PREFIX_MINIMUM = 8
-
-
-def shared_prefix_length(input_ids, attention_mask, labels) -> int:
-    """The tokens every row of a batch starts with, short of the position that predicts a row's first label (that
-    position must be computed for the row)."""
-    same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)
-    common = int(same.int().cumprod(0).sum())
-    labelled = labels != -100
-    first = int(torch.where(labelled.any(1), labelled.int().argmax(1), labels.size(1)).min())
-    return max(0, min(common, first - 1))
-
-
-def active_dropout(causal_lm) -> float:
-    """The largest dropout probability in the model (LoRA's included) or its attention; a prefix computed once for a
-    batch would get one dropout mask for every row."""
-    layers = max((m.p for m in causal_lm.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
-    return max(layers, getattr(causal_lm.config.get_text_config(), "attention_dropout", 0.0) or 0.0)
-
-
-def forward_after_shared_prefix(forward, shared: int, input_ids, labels, position_ids=None, **kwargs):
-    """FORWARD (a causal LM's, with TRL's fused LM head) over rows whose first SHARED tokens are the same: those tokens
-    go through the model once, as one row, and its KV cache is repeated for the batch (gradients from every row flow
-    back through the repeat); each row's own tokens follow (KWARGS' attention mask covers the whole rows). The per-token
-    outputs come back in the whole rows' layout, zero on the prefix, where nothing is labelled."""
-    prefix_positions = None if position_ids is None else position_ids[:1, :shared]
-    cache = forward(input_ids=input_ids[:1, :shared], position_ids=prefix_positions, use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(input_ids.size(0))
-    out = forward(input_ids=input_ids[:, shared:], labels=labels[:, shared:], fused_lm_head=True, cache=cache,
-                  position_ids=None if position_ids is None else position_ids[:, shared:], **kwargs)
-    for name in FUSED_FIELDS:
-        value = getattr(out, name, None)
-        if value is not None:
-            setattr(out, name, torch.nn.functional.pad(value, (shared, 0)))
-    return out
 
 
 @contextlib.contextmanager

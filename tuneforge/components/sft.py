@@ -47,11 +47,49 @@ def check_loss_mask(dataset, loss_on: str, sample: int = 64) -> float:
     return trained / total
 
 
+# Fewer tokens shared by every row of a batch are not worth a forward of their own.
+SHARED_PREFIX_MINIMUM = 8
+
+
+def shared_prefix_length(input_ids, attention_mask, labels) -> int:
+    """The tokens every row of a batch starts with, short of the position that predicts a row's first label (that
+    position must be computed for the row)."""
+    same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)
+    common = int(same.int().cumprod(0).sum())
+    labelled = labels != -100
+    first = int(torch.where(labelled.any(1), labelled.int().argmax(1), labels.size(1)).min())
+    return max(0, min(common, first - 1))
+
+
+def active_dropout(causal_lm) -> float:
+    """The largest dropout probability in the model (LoRA's included) or its attention; a prefix computed once for a
+    batch would get one dropout mask for every row."""
+    layers = max((m.p for m in causal_lm.modules() if isinstance(m, torch.nn.Dropout)), default=0.0)
+    return max(layers, getattr(causal_lm.config.get_text_config(), "attention_dropout", 0.0) or 0.0)
+
+
+def forward_after_shared_prefix(forward, shared: int, input_ids, labels, position_ids=None, **kwargs):
+    """FORWARD (a causal LM's, with TRL's fused LM head) over rows whose first SHARED tokens are the same: those tokens
+    go through the model once, as one row, and its KV cache is repeated for the batch (gradients from every row flow
+    back through the repeat); each row's own tokens follow (KWARGS' attention mask covers the whole rows). The per-token
+    outputs come back in the whole rows' layout, zero on the prefix, where nothing is labelled."""
+    prefix_positions = None if position_ids is None else position_ids[:1, :shared]
+    cache = forward(input_ids=input_ids[:1, :shared], position_ids=prefix_positions, use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(input_ids.size(0))
+    out = forward(input_ids=input_ids[:, shared:], labels=labels[:, shared:], fused_lm_head=True, cache=cache,
+                  position_ids=None if position_ids is None else position_ids[:, shared:], **kwargs)
+    for name in training.FUSED_FIELDS:
+        value = getattr(out, name, None)
+        if value is not None:
+            setattr(out, name, torch.nn.functional.pad(value, (shared, 0)))
+    return out
+
+
 class SharedPrefix:
     """Computes the tokens every row of a batch starts with once per batch. Chat templates put the same system block
     (and datasets often the same instruction) before every row; this replaces the forward of TRL's fused LM head with
     one that runs that prefix as a single row and each row's own tokens after it
-    (training.forward_after_shared_prefix), so the loss and gradients are those of the whole rows up to rounding
+    (forward_after_shared_prefix), so the loss and gradients are those of the whole rows up to rounding
     (without dropout, which would draw one mask for the prefix instead of one a row), and TRL's loss and metrics are
     unchanged. Padding-free batches, and batches whose rows share too few tokens before their first label, go through
     the model's own forward."""
@@ -75,8 +113,8 @@ class SharedPrefix:
         if (fused_lm_head and labels is not None and not args and ids is not None and mask is not None and ids.size(0) > 1
                 and kwargs.get("position_ids") is None and kwargs.get("cache") is None
                 and not kwargs.get("output_router_logits")):
-            shared = training.shared_prefix_length(ids, mask, labels)
-        if shared < training.SHARED_PREFIX_MINIMUM:
+            shared = shared_prefix_length(ids, mask, labels)
+        if shared < SHARED_PREFIX_MINIMUM:
             shared = 0
         if self.model.training and torch.is_grad_enabled() and ids is not None:
             self.total += ids.numel()
@@ -84,7 +122,7 @@ class SharedPrefix:
         if not shared:
             return self.whole_rows(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "use_cache", "position_ids")}
-        return training.forward_after_shared_prefix(self.whole_rows, shared, ids, labels, **kwargs)
+        return forward_after_shared_prefix(self.whole_rows, shared, ids, labels, **kwargs)
 
 
 def share_prefix(trainer, settings, batching: str, can_probe: bool) -> tuple[SharedPrefix | None, str]:
@@ -98,7 +136,7 @@ def share_prefix(trainer, settings, batching: str, can_probe: bool) -> tuple[Sha
         return None, "padding-free batches: no rows to share a prefix"
     if settings.gradient_checkpointing:
         return None, "gradient checkpointing recomputes the layers without a cache"
-    dropout = training.active_dropout(causal_lm)
+    dropout = active_dropout(causal_lm)
     if dropout:
         return None, f"dropout {dropout:g}: the prefix would get one dropout mask for every row"
     if not can_probe:
