@@ -62,7 +62,7 @@ def shared_prefix(rows: list[list[int]], first_needed: list[int]) -> int:
 @torch.no_grad()
 def prefix_cache(model, prefix: list[int]):
     """The KV cache of PREFIX, to reuse for every row that starts with it (transformers' prompt-reuse recipe)."""
-    return model(input_ids=torch.tensor([prefix]), use_cache=True).cache if prefix else None
+    return model(input_ids=torch.tensor([prefix]), use_cache=True, logits_to_keep=1).cache if prefix else None
 
 
 def batch_cache(cache, rows: int):
