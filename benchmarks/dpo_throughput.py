@@ -44,12 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_throughput import (
     LORA,
     PaddingCount,
+    batching_choice,
     chosen_sides,
+    gpu_peak_mib,
     matmul_parameters,
     matmul_peak,
     model_path,
     padding_share,
     print_table,
+    save_gpu_peak,
     timed,
     train_seconds,
 )
@@ -139,7 +142,7 @@ def recipe(side: str, data: str, start: str, count: int, output: Path) -> None:
         train_sampling_strategy=settings["sampling"],
         # the trainer drops the columns the model does not take, "length" among them, before it builds the sampler
         remove_unused_columns=not grouped,
-        bf16=True, use_cpu=True, learning_rate=LEARNING_RATE, beta=BETA,
+        bf16=True, use_cpu=not torch.cuda.is_available(), learning_rate=LEARNING_RATE, beta=BETA,
         max_steps=count // PAIRS_PER_STEP, logging_steps=1, save_strategy="no", report_to="none", seed=42,
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=settings["lora_dropout"],
@@ -151,6 +154,7 @@ def recipe(side: str, data: str, start: str, count: int, output: Path) -> None:
     trainer.model.save_pretrained(output / "adapter")
     (output / "train_history.json").write_text(json.dumps(trainer.state.log_history))
     padding.save(output / "padding.json")
+    save_gpu_peak(output)
 
 
 def pair_tokens(start: str, count: int, data: str) -> int:
@@ -176,12 +180,14 @@ def held_out_dpo_loss(start: str, adapter: Path, data: str) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(start)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32), adapter).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy.to(device)
 
     def completion_logp(pair: dict, answer: str) -> float:
         prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         full = tokenizer.apply_chat_template(pair["prompt"] + pair[answer], tokenize=True, return_dict=True)["input_ids"]
-        logp = policy(input_ids=torch.tensor([full])).logits[0, :-1].log_softmax(-1)
-        targets = torch.tensor(full[1:])
+        logp = policy(input_ids=torch.tensor([full], device=device)).logits[0, :-1].log_softmax(-1)
+        targets = torch.tensor(full[1:], device=device)
         return float(logp.gather(-1, targets[:, None])[len(prompt) - 1:].sum())
 
     losses = []
@@ -225,7 +231,8 @@ def main() -> None:
             history, adapter, trained = output / "dpo" / "train_history.json", output / "dpo", output / "dpo"
         peak = timed(command)
         seconds = train_seconds(history)
-        results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak,
+        results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "peak_mib": gpu_peak_mib(trained) or peak, "batching": batching_choice(trained),
                          "padding_share": padding_share(trained), "held_out_dpo_loss": held_out_dpo_loss(start, adapter, args.data)}
         print(side, json.dumps(results[side]), flush=True)
 

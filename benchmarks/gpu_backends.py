@@ -32,7 +32,7 @@ BACKENDS = ("hf", "unsloth")
 def config(model: str, method: str, backend: str, steps: int, batch_size: int, folder: Path) -> Path:
     import yaml
 
-    path = folder / f"{model}-{method}-{backend}.yaml"
+    path = folder / f"{Path(model).name}-{method}-{backend}.yaml"
     path.write_text(yaml.safe_dump({
         "name": "gpu-bench", "workdir": str(folder / "work"), "base_model": {"source": model},
         "data": {"sources": [{"path": str(DATA)}], "eval_fraction": 0.0, "max_length": 512},
@@ -48,13 +48,13 @@ def run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 def measure(model: str, method: str, backend: str, args, folder: Path) -> dict:
     path = config(model, method, backend, args.steps, args.batch_size, folder)
-    data = folder / f"data-{model}"
+    data = folder / f"data-{Path(model).name}"
     tuneforge = [sys.executable, "-m", "tuneforge.cli", "stage"]
     if not (data / "manifest.json").exists():
         done = run([*tuneforge, "data-prep", "--config", str(path), "--output", str(data)], args.timeout)
         if done.returncode:
             return {"error": done.stderr.strip().splitlines()[-1]}
-    output = folder / f"sft-{model}-{method}-{backend}"
+    output = folder / f"sft-{Path(model).name}-{method}-{backend}"
     started = time.monotonic()
     done = run([*tuneforge, "sft", "--config", str(path), "--input", f"data={data}", "--output", str(output)], args.timeout)
     if done.returncode:
@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=240, help="seconds per stage run")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated base_model.source values")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated base_model.source values (built-in names or model directories)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     import torch
@@ -90,7 +91,7 @@ def main() -> None:
         for model in args.models.split(","):
             for method in METHODS:
                 for backend in backends:
-                    key = f"{model} {method} {backend}"
+                    key = f"{Path(model).name} {method} {backend}"
                     results[key] = measure(model, method, backend, args, Path(folder))
                     print(f"{key}: {results[key]}", file=sys.stderr, flush=True)
     print(f"{'model':<24}{'method':<7}{'backend':<9}{'tokens/s':>10}{'x hf':>7}{'peak VRAM GiB':>15}{'x hf':>7}{'loss':>8}")

@@ -57,8 +57,10 @@ RECIPES = {
     "expert": {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": False, "lora_dropout": 0.0,
                "sampling": "group_by_length"},
 }
-# tuneforge with its defaults, and with the plain recipe's LoRA dropout (tuneforge's default is 0).
-SIDES = ("plain", "expert", "tuneforge", "tuneforge-dropout")
+# tuneforge with its defaults, with the plain recipe's LoRA dropout (tuneforge's default is 0), and with batches
+# grouped by length whatever `batching: auto` picks (not run unless asked for).
+SIDES = ("plain", "expert", "tuneforge", "tuneforge-dropout", "tuneforge-grouped")
+DEFAULT_SIDES = SIDES[:4]
 
 
 def rows(count: int, held_out: bool = False, data: str = "uniform") -> list[dict]:
@@ -115,7 +117,7 @@ def recipe(side: str, data: str, model: str, count: int, output: Path) -> None:
         gradient_accumulation_steps=settings["grad_accum"], gradient_checkpointing=settings["gradient_checkpointing"],
         # group_by_length: Trainer sorts random runs of min(50, rows / 32) batches by the rows' input_ids lengths
         train_sampling_strategy=settings["sampling"],
-        bf16=True, use_cpu=True, packing=False, learning_rate=LEARNING_RATE,
+        bf16=True, use_cpu=not torch.cuda.is_available(), packing=False, learning_rate=LEARNING_RATE,
         max_steps=count // ROWS_PER_STEP, logging_steps=1, save_strategy="no", report_to="none", seed=42,
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=settings["lora_dropout"],
@@ -127,9 +129,30 @@ def recipe(side: str, data: str, model: str, count: int, output: Path) -> None:
     trainer.model.save_pretrained(output / "adapter")
     (output / "train_history.json").write_text(json.dumps(trainer.state.log_history))
     padding.save(output / "padding.json")
+    save_gpu_peak(output)
 
 
-def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | None, data: str) -> list[str]:
+def save_gpu_peak(output: Path) -> None:
+    """On a GPU, the training process's peak allocated memory (GiB), as the stages record it (peak_gpu_memory_gib)."""
+    import torch
+
+    if torch.cuda.is_available():
+        (output / "gpu_peak.json").write_text(json.dumps({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}))
+
+
+def gpu_peak_mib(output: Path) -> float | None:
+    """The peak GPU memory a side recorded (a recipe's gpu_peak.json, the stage's manifest metric), in MiB."""
+    for path in (output / "gpu_peak.json", output / "manifest.json"):
+        if path.exists():
+            record = json.loads(path.read_text())
+            gib = record.get("metrics", record).get("peak_gpu_memory_gib")
+            if gib is not None:
+                return gib * 1024
+    return None
+
+
+def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | None, data: str,
+                    batching: str = "auto") -> list[str]:
     """The data-prep output (not timed) and the sft command (timed); lora_dropout None keeps tuneforge's default."""
     import yaml
 
@@ -141,7 +164,7 @@ def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | 
         "sft": {"method": "lora", "learning_rate": LEARNING_RATE, "max_steps": count // ROWS_PER_STEP,
                 "batch_size": ROWS_PER_STEP, "grad_accum": 1, "precision": "bf16", "logging_steps": 1,
                 # the plain recipe's schedule (SFTConfig's defaults), so that only the speed differs
-                "lr_scheduler": "linear", "warmup_ratio": 0.0,
+                "lr_scheduler": "linear", "warmup_ratio": 0.0, "batching": batching,
                 "save_steps": 10_000, "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "target_modules": "all-linear"}},
     }
     if lora_dropout is not None:
@@ -154,13 +177,18 @@ def tuneforge_stage(model: str, count: int, output: Path, lora_dropout: float | 
             "--output", str(output / "sft")]
 
 
+# Runs a command and prints its peak RSS in KiB last: the children's maximum of a process with one child is that
+# child's (GNU time's %M, without needing GNU time).
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
 def timed(command: list[str]) -> float:
-    """Peak RSS (MiB) of a command, from GNU time."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *command], capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        return int(report.read().split()[-1]) / 1024
+    """Peak RSS (MiB) of a command."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return int(done.stdout.split()[-1]) / 1024
 
 
 def throughput(history_file: Path) -> tuple[float, float]:
@@ -191,31 +219,40 @@ def held_out_loss(model: str, adapter: Path, data: str) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     network = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    network.to(device)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in map(as_prompt_completion, rows(0, held_out=True, data=data)):
             prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
             full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"]
             labels = torch.tensor([[-100] * len(prompt) + full[len(prompt):]])
-            loss = network(input_ids=torch.tensor([full]), labels=labels).loss
+            loss = network(input_ids=torch.tensor([full], device=device), labels=labels.to(device)).loss
             trained = int((labels[0, 1:] != -100).sum())
             total, count = total + float(loss) * trained, count + trained
     return total / count
 
 
 def matmul_peak(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of large square matmuls in a dtype on this machine, all cores."""
+    """FLOP/s of large square matmuls in a dtype on this machine: the GPU where there is one (8192-wide products of
+    random data), else all CPU cores."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else size
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
         done += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
     return 2 * size**3 * done / (time.perf_counter() - started)
 
 
@@ -232,6 +269,16 @@ def matmul_parameters(model: str) -> tuple[int, int]:
     return n, n_lora
 
 
+def batching_choice(output: Path) -> str:
+    """How the stage batched its rows and the attention it used (its manifest's lineage), "" for the recipes."""
+    manifest = output / "manifest.json"
+    if not manifest.exists():
+        return ""
+    lineage = json.loads(manifest.read_text())["lineage"]
+    attention = lineage.get("attention")
+    return f"{lineage.get('batching')}, {attention} attention" if attention else lineage.get("batching", "")
+
+
 def chosen_sides(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> list[str]:
     """The sides to run: --only, or --sides checked against the benchmark's own."""
     sides = [args.only] if args.only else args.sides.split(",")
@@ -246,7 +293,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=160, help="rows trained on (a multiple of 8)")
     parser.add_argument("--data", choices=DATA_KINDS, default="uniform",
                         help="uniform: the quickstart's rows; varied: varied_data.py's long-tailed lengths")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"the sides to run, comma-separated ({', '.join(SIDES)})")
+    parser.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                        help=f"the sides to run, comma-separated ({', '.join(SIDES)})")
     parser.add_argument("--only", choices=SIDES, help="run one side (for profiling)")
     parser.add_argument("--recipe-worker", nargs=5, metavar=("SIDE", "DATA", "MODEL", "ROWS", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,11 +314,12 @@ def main() -> None:
             history, adapter, trained = output / "train_history.json", output / "adapter", output
         else:
             command = tuneforge_stage(model, args.rows, output, LORA["dropout"] if side == "tuneforge-dropout" else None,
-                                      args.data)
+                                      args.data, "grouped" if side == "tuneforge-grouped" else "auto")
             history, adapter, trained = output / "sft" / "train_history.json", output / "sft", output / "sft"
         peak = timed(command)
         tokens, seconds = throughput(history)
-        results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_mib": peak,
+        results[side] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "peak_mib": gpu_peak_mib(trained) or peak, "batching": batching_choice(trained),
                          "padding_share": padding_share(trained), "held_out_loss": held_out_loss(model, adapter, args.data)}
         print(side, json.dumps(results[side]), flush=True)
 

@@ -202,6 +202,19 @@ def test_batching_choice(setting, attention_setting, attention, lengths, expecte
     assert training.random_batch_padding(VARIED, 8) > 0.3 > 0.05 > training.random_batch_padding(UNIFORM, 8)
 
 
+def test_batching_on_a_gpu_groups_rows_rather_than_attending_row_by_row(monkeypatch):
+    """A small model's GPU step is bound by kernel launches, which rowwise attention multiplies: auto groups rows by
+    length there; padding_free asked for still gets rows attended alone."""
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), attn_implementation="eager")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    choice, reason, attention = training.choose_batching(SftSettings(batch_size=8), model, "sdpa", VARIED)
+    assert (choice, attention, model.config._attn_implementation) == ("grouped", "sdpa", "eager")
+    assert "kernel launches" in reason
+    assert training.choose_batching(SftSettings(batch_size=8), model, "sdpa", UNIFORM)[:3:2] == ("padded", "sdpa")
+    choice, _, attention = training.choose_batching(SftSettings(batching="padding_free", batch_size=8), model, "sdpa", VARIED)
+    assert (choice, attention) == ("padding_free", ROWWISE)
+
+
 def test_rowwise_attention_is_not_used_where_it_differs_from_the_models():
     """gpt-oss's attention has sinks (a learned extra logit per head) that rowwise attention does not compute: the
     probe sees it, and the rows are grouped, on the model's own attention, saying why."""

@@ -280,8 +280,12 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     # On rows of nearly one length, padded batches attend over each batch in one call; attending row by row costs
     # more than the little padding it saves (the quickstart's sft: about 13% slower row by row, docs/benchmarks.md).
     worth_it = packing or choice == "padding_free" or padding >= GROUPING_MIN_PADDING
+    # On a GPU a small model's step is bound by launching kernels (benchmarks/gpu_step.py: SmolLM2-135M LoRA on an
+    # H200, 7,446 kernels a step, the GPU busy 13% of it; 4x the rows cost 16% more time), and attending row by row
+    # launches each layer's attention once per row: there auto groups rows by length, which pads on the GPU's spare time.
+    launch_bound = torch.cuda.is_available() and choice == "auto" and not packing
     if (padding_free and can_probe and worth_it and choice in ("auto", "padding_free") and settings.attention == "auto"
-            and attention in ("eager", "sdpa")):  # tuneforge's own choice on the CPU
+            and attention in ("eager", "sdpa") and not launch_bound):  # tuneforge's own choice on the CPU
         rowwise_leak = packing_leak(model, rowwise=True)
         if rowwise_leak <= PACKING_TOLERANCE:
             rowwise = f"rowwise attention, the same logits as {attention} attention within {rowwise_leak:.2g}"
@@ -295,6 +299,8 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     if choice == "auto" and (not padding_free or not attention.startswith("flash_attention")):
         unavailable = ("" if rowwise_leak is None else
                        f"; rowwise attention differs from this model's {attention} attention ({rowwise_leak:.3g})")
+        if launch_bound and worth_it and padding_free and settings.attention == "auto" and attention in ("eager", "sdpa"):
+            unavailable += "; on a GPU attending row by row multiplies the kernel launches a step is bound by"
         if padding < GROUPING_MIN_PADDING:
             return "padded", (f"rows of nearly one length: random batches are {padding:.0%} padding "
                               f"(grouping them by length pays from {GROUPING_MIN_PADDING:.0%}){unavailable}"), attention
