@@ -23,6 +23,10 @@ Padding: the padded positions (attention mask 0) among all positions of the batc
 them by wrapping the trainer's data collator, tuneforge records its own (`padding_share` in the stage's
 manifest.json metrics; "-" where it does not).
 
+On a GPU every side trains there, the peak memory is the GPU's (torch.cuda.max_memory_allocated of the training
+process; peak RSS on the CPU) and the matmul peak is the GPU's (8192-wide bf16 products). The json line of each
+side also says how the stage batched its rows ("batching").
+
 Useful FLOPs per non-padding token = 2N forward + 2N activation gradients (+ 2N weight gradients for weights
 that train), N = the parameters of the model's matmuls (every Linear, the LM head included, the embedding
 lookup not); attention scores and recomputation are not counted. LoRA trains only its adapters, so a LoRA
