@@ -284,8 +284,9 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     # H200, 7,446 kernels a step, the GPU busy 13% of it; 4x the rows cost 16% more time), and attending row by row
     # launches each layer's attention once per row: there auto groups rows by length, which pads on the GPU's spare time.
     launch_bound = torch.cuda.is_available() and choice == "auto" and not packing
-    if (padding_free and can_probe and worth_it and choice in ("auto", "padding_free") and settings.attention == "auto"
-            and attention in ("eager", "sdpa") and not launch_bound):  # tuneforge's own choice on the CPU
+    rowwise_fits = (padding_free and can_probe and worth_it and choice in ("auto", "padding_free")
+                    and settings.attention == "auto" and attention in ("eager", "sdpa"))
+    if rowwise_fits and not launch_bound:  # tuneforge's own choice on the CPU
         rowwise_leak = packing_leak(model, rowwise=True)
         if rowwise_leak <= PACKING_TOLERANCE:
             rowwise = f"rowwise attention, the same logits as {attention} attention within {rowwise_leak:.2g}"
@@ -299,7 +300,7 @@ def choose_batching(settings: TrainSettings, model, attention: str, lengths: lis
     if choice == "auto" and (not padding_free or not attention.startswith("flash_attention")):
         unavailable = ("" if rowwise_leak is None else
                        f"; rowwise attention differs from this model's {attention} attention ({rowwise_leak:.3g})")
-        if launch_bound and worth_it and padding_free and settings.attention == "auto" and attention in ("eager", "sdpa"):
+        if rowwise_fits and launch_bound:
             unavailable += "; on a GPU attending row by row multiplies the kernel launches a step is bound by"
         if padding < GROUPING_MIN_PADDING:
             return "padded", (f"rows of nearly one length: random batches are {padding:.0%} padding "
