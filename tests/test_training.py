@@ -289,6 +289,40 @@ def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention
     assert one_metrics == pytest.approx(two_metrics, abs=1e-4)
 
 
+def test_the_shared_prompt_and_prefix_probes_score_only_labelled_positions(monkeypatch):
+    """The probes run outside training, where TRL's fused LM head scores every position on the CPU (prompt and padding
+    through the whole vocabulary: most of a Gemma 3 dpo stage's probe): they score the labelled ones only."""
+    from types import SimpleNamespace
+
+    from tuneforge.components.dpo import share_prompts
+    from tuneforge.components.sft import share_prefix
+    from tuneforge.config import DpoSettings
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_use_triton)  # TRL as it comes: every position on the CPU
+    scored = []
+    original_apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting_apply(hidden, *args):
+        scored.append(hidden.shape[0])
+        return original_apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
+    sharing, reason = share_prompts(dpo_trainer("tiny-llama", "eager", PAIRS), DpoSettings(), 256, can_probe=True)
+    assert sharing is not None and reason.startswith("on:"), reason
+
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    sft_trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model)
+    prefix, reason = share_prefix(sft_trainer, SftSettings(), "padded", can_probe=True)
+    assert prefix is not None and reason.startswith("on:"), reason
+    # dpo's probe: answers of 5 + 3 and 2 + 6 tokens, in TRL's four rows and in two shared rows; sft's: three rows
+    # labelled on their last 8 tokens, the padded one on 4 of them
+    assert scored == [16, 16, 20, 20]
+
+
 def test_shared_prompt_keeps_trls_rows_for_a_batch_whose_prompts_differ():
     from tuneforge.components.dpo import SharedPrompt
 

@@ -181,7 +181,8 @@ FUSED_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_t
 
 @contextlib.contextmanager
 def labelled_positions_only() -> Iterator[None]:
-    """While training, let TRL's fused LM head project only the positions that have labels, on the CPU too.
+    """While training (and in the forwards that check or evaluate it: the probes, a final evaluation), let TRL's fused
+    LM head project only the positions that have labels, on the CPU too.
 
     It does so on Triton devices, but elsewhere scores every position (prompt and padding included, with entropy
     and top-1 over the whole vocabulary) to keep tile shapes fixed for graph compilers. Eager CPU training has no
@@ -566,6 +567,7 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
     lineage (`likelihood_guard`) and MLflow."""
     with labelled_positions_only():
         result = trainer.train(resume_from_checkpoint=resume)
+        final = final_evaluation(trainer) if has_eval else {}
     if guard is not None:
         lineage["likelihood_guard"] = guard.report(trainer.state)
     metrics = {"train_loss": result.training_loss, "steps": result.global_step}
@@ -578,8 +580,7 @@ def train_and_save(trainer, *, stage: str, title: str, tracker: tracking.StageTr
     if shared_prefix is not None and shared_prefix.prefix_share:  # positions computed once per batch, not once a row
         metrics["shared_prefix_share"] = shared_prefix.prefix_share
     metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
-    if has_eval:
-        metrics.update(final_evaluation(trainer))
+    metrics.update(final)
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         metrics["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -205,7 +205,8 @@ def share_prompts(trainer, settings, max_length: int, can_probe: bool) -> tuple[
         shared.install()
         return shared, "on (not probed: a 4-bit model is never run in eval mode on the CPU)"
     try:
-        difference = shared_prompt_difference(causal_lm, shared, trainer.processing_class.pad_token_id or 0)
+        with training.labelled_positions_only():
+            difference = shared_prompt_difference(causal_lm, shared, trainer.processing_class.pad_token_id or 0)
     except Exception as err:  # a model that does not take 4-D masks or per-layer-type masks
         return None, f"the model's forward does not take the shared rows' attention mask ({tracking.first_line(err)})"
     if difference > SHARED_PROMPT_TOLERANCE:

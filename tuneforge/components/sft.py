@@ -143,7 +143,8 @@ def share_prefix(trainer, settings, batching: str, can_probe: bool) -> tuple[Sha
         return None, "not probed: a 4-bit model is never run in eval mode on the CPU"
     shared = SharedPrefix(causal_lm)
     try:
-        difference = shared_prefix_difference(causal_lm, shared)
+        with training.labelled_positions_only():
+            difference = shared_prefix_difference(causal_lm, shared)
     except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as err:
         return None, f"the model's cache cannot be reused for a batch ({tracking.first_line(err)})"
     if difference > SHARED_PREFIX_TOLERANCE:
