@@ -22,10 +22,10 @@ def tiny_batch():
     return input_ids, labels
 
 
-def test_the_cpu_lm_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(monkeypatch):
-    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), dtype=torch.float32)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    input_ids, labels = tiny_batch()
+@pytest.fixture
+def scored_rows(monkeypatch) -> list[int]:
+    """TRL as it comes (every position scored on the CPU), and how many rows each call of its fused LM head scores."""
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_use_triton)
     scored = []
     original_apply = trl_utils._ChunkedLogProbFunction.apply
 
@@ -34,6 +34,13 @@ def test_the_cpu_lm_head_scores_only_labelled_positions_with_the_same_loss_and_g
         return original_apply(hidden, *args)
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
+    return scored
+
+
+def test_the_cpu_lm_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(scored_rows):
+    model = AutoModelForCausalLM.from_pretrained(resolve(BaseModelSettings(source="tiny-llama")), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    input_ids, labels = tiny_batch()
 
     def loss_and_grads():
         model.zero_grad()
@@ -41,14 +48,13 @@ def test_the_cpu_lm_head_scores_only_labelled_positions_with_the_same_loss_and_g
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_use_triton)  # TRL as it comes: every position on the CPU
     full_loss, full_grads = loss_and_grads()
     with training.labelled_positions_only():
         compact_loss, compact_grads = loss_and_grads()
     assert trl_utils._use_triton is trl_use_triton  # TRL is left as it was
 
     labelled = int((labels[:, 1:] != -100).sum())
-    assert scored == [3 * 23, labelled] and labelled < 3 * 23 / 2
+    assert scored_rows == [3 * 23, labelled] and labelled < 3 * 23 / 2
     reference = model(input_ids=input_ids, labels=labels).loss.item()  # transformers' own loss over full logits
     assert compact_loss == pytest.approx(full_loss, abs=1e-5) and compact_loss == pytest.approx(reference, abs=1e-5)
     for a, b in zip(full_grads, compact_grads, strict=True):
@@ -289,7 +295,7 @@ def test_shared_prompt_dpo_gives_trls_loss_gradients_and_metrics(arch, attention
     assert one_metrics == pytest.approx(two_metrics, abs=1e-4)
 
 
-def test_the_shared_prompt_and_prefix_probes_score_only_labelled_positions(monkeypatch):
+def test_the_shared_prompt_and_prefix_probes_score_only_labelled_positions(scored_rows):
     """The probes run outside training, where TRL's fused LM head scores every position on the CPU (prompt and padding
     through the whole vocabulary: most of a Gemma 3 dpo stage's probe): they score the labelled ones only."""
     from types import SimpleNamespace
@@ -298,15 +304,6 @@ def test_the_shared_prompt_and_prefix_probes_score_only_labelled_positions(monke
     from tuneforge.components.sft import share_prefix
     from tuneforge.config import DpoSettings
 
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_use_triton)  # TRL as it comes: every position on the CPU
-    scored = []
-    original_apply = trl_utils._ChunkedLogProbFunction.apply
-
-    def counting_apply(hidden, *args):
-        scored.append(hidden.shape[0])
-        return original_apply(hidden, *args)
-
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
     sharing, reason = share_prompts(dpo_trainer("tiny-llama", "eager", PAIRS), DpoSettings(), 256, can_probe=True)
     assert sharing is not None and reason.startswith("on:"), reason
 
@@ -320,7 +317,7 @@ def test_the_shared_prompt_and_prefix_probes_score_only_labelled_positions(monke
     assert prefix is not None and reason.startswith("on:"), reason
     # dpo's probe: answers of 5 + 3 and 2 + 6 tokens, in TRL's four rows and in two shared rows; sft's: three rows
     # labelled on their last 8 tokens, the padded one on 4 of them
-    assert scored == [16, 16, 20, 20]
+    assert scored_rows == [16, 16, 20, 20]
 
 
 def test_shared_prompt_keeps_trls_rows_for_a_batch_whose_prompts_differ():
