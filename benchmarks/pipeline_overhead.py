@@ -68,7 +68,8 @@ def split(log: str) -> dict[str, dict]:
                 tasks[task]["seconds"] = at - tasks[task]["started"]
                 current = None
             elif task not in tasks or "seconds" not in tasks[task]:
-                tasks[task] = {"started": at, "imports": None, "parts": {}, "open": None}
+                tasks[task] = {"started": at, "imports": None, "parts": {}, "open": None,
+                               "markers": PARTS.get(STAGE_OF.sub("", task))}
                 current = task
             continue
         if current is None:
@@ -78,9 +79,9 @@ def split(log: str) -> dict[str, dict]:
             entry["imports"] = (entry["imports"] or 0.0) + int(found[1]) / 1e6
         elif found := TRAIN_RUNTIME.search(line):
             entry["parts"]["train_runtime"] = float(found[1])
-        elif (found := EXECUTOR_LINE.search(line)) and STAGE_OF.sub("", current) in PARTS:
+        elif entry["markers"] and (found := EXECUTOR_LINE.search(line)):
             at, message = _seconds(found[1], found[2], f"{found[3]}.{found[4]}"), found[5]
-            opens, closes = PARTS[STAGE_OF.sub("", current)]
+            opens, closes = entry["markers"]
             if entry["open"] and (opens.match(message) or closes.match(message)):
                 name, since = entry["open"]
                 entry["parts"][name] = at - since
